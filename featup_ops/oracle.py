@@ -1,0 +1,67 @@
+"""The `oracle` backbone: per-pixel features with a known high-resolution truth.
+
+    f(x) = tanh(3 * W2 @ tanh(3 * W1 @ x))
+
+x is a pixel's normalised RGB (ImageNet mean/std); W1 (32x3) = N(0,1)/2 then W2 (Cx32) = N(0,1)/5 are
+drawn in that order from a torch.Generator seeded with 1. The backbone's output is f average-pooled
+over 16x16 patches; the truth at any resolution is f of the image resized to that resolution. Like
+semantic features it depends on what is at a pixel: smooth within regions, sharp at their borders.
+This is how the project proves an upsampler works.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .backbones import IMAGENET_MEAN, IMAGENET_STD, Backbone, BackboneError, register_backbone
+
+HIDDEN = 32
+SEED = 1
+
+
+def oracle_weights(dim: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W1 (32,3), W2 (dim,32)) exactly as defined above."""
+    g = torch.Generator().manual_seed(SEED)
+    w1 = torch.randn(HIDDEN, 3, generator=g) / 2
+    w2 = torch.randn(dim, HIDDEN, generator=g) / 5
+    return w1, w2
+
+
+class OracleBackbone(Backbone):
+    """Known-truth features: f per pixel, average-pooled over patch_size x patch_size patches."""
+
+    def __init__(self, dim: int = 32, patch_size: int = 16):
+        super().__init__("oracle", dim, patch_size, IMAGENET_MEAN, IMAGENET_STD, weights_id=f"oracle:C{dim}:seed{SEED}")
+        w1, w2 = oracle_weights(dim)
+        self.register_buffer("w1", w1)
+        self.register_buffer("w2", w2)
+
+    def pixel_features(self, x: torch.Tensor) -> torch.Tensor:
+        """f at every pixel of a normalised image (B,3,H,W) -> (B,dim,H,W)."""
+        hidden = torch.tanh(3 * torch.einsum("oc,bchw->bohw", self.w1.to(x.dtype), x))
+        return torch.tanh(3 * torch.einsum("oc,bchw->bohw", self.w2.to(x.dtype), hidden))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = self.grid_size(*x.shape[2:])
+        f = self.pixel_features(x[:, :, : h * self.patch_size, : w * self.patch_size])
+        return F.avg_pool2d(f, self.patch_size)
+
+    def true_features(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """The truth at `size` (default: the image's own): f of the image resized (bilinear, antialiased)."""
+        if size is not None and tuple(size) != tuple(x.shape[2:]):
+            x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
+        return self.pixel_features(x)
+
+
+@register_backbone("oracle")
+def create_oracle(weights: str | None = None, random_init: bool = False,
+                  storage_options: Mapping[str, Any] | None = None, dim: int = 32,
+                  patch_size: int = 16) -> OracleBackbone:
+    """Weights-free known-truth backbone (32 channels, stride 16) for tests and evaluation."""
+    if weights is not None:
+        raise BackboneError("the oracle backbone is defined by a fixed seed and takes no weights file")
+    return OracleBackbone(dim, patch_size).eval().requires_grad_(False)

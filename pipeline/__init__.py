@@ -1,0 +1,1 @@
+"""The distributed data plane: shards in, Zarr features and a Parquet manifest out."""

@@ -1,0 +1,182 @@
+"""WebDataset shards: resolving input patterns to shard URLs, and streaming a shard's samples.
+
+Shards are read through fsspec (webdataset 1.0.2 cannot open s3:// by itself) and grouped into samples
+with webdataset's own key convention (`group_by_keys`). Reading is strict about completeness: a tar whose
+end-of-archive marker is missing, or whose sample count disagrees with the shard index written by
+`jobs/make_shards.py`, is reported, never silently short.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import posixpath
+import tarfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from braceexpand import braceexpand
+from webdataset.tariterators import base_plus_ext, group_by_keys
+
+from .storage import StorageError, check_reachable, filesystem, protocol_of
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "index.json"
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+READ_BLOCK = 8 * 2**20  # readahead per request: a few large sequential GETs per shard
+
+
+class InputError(ValueError):
+    """Input patterns that resolve to no shard, or to shards that do not exist."""
+
+
+class TruncatedShardError(RuntimeError):
+    """The tar ends early: a permanent defect of the shard, not a passing read error."""
+
+    def __init__(self, url: str, samples_read: int, broken_key: str | None, reason: str):
+        self.url, self.samples_read, self.broken_key, self.reason = url, samples_read, broken_key, reason
+        super().__init__(f"{url}: truncated tar after {samples_read} samples ({reason})")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One input shard: its URL, a store-safe id, and the sample count its index promises (if any)."""
+
+    url: str
+    shard_id: str
+    expected_samples: int | None = None
+
+
+def _stem(url: str) -> str:
+    name = posixpath.basename(url.rstrip("/"))
+    for suffix in TAR_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _with_protocol(fs, path: str, like: str) -> str:
+    proto = protocol_of(like)
+    return path if proto == "file" else f"{proto}://{path}"
+
+
+def _read_list_file(url: str, options: Mapping[str, Any] | None) -> list[str]:
+    """Shard URLs from a list file (one per line, '#' comments) or a shard index.json."""
+    fs, path = filesystem(url, options)
+    text = fs.cat_file(path).decode()
+    base = url.rsplit("/", 1)[0] if "/" in url else "."
+    if url.endswith(".json"):
+        entries = [s["name"] for s in json.loads(text).get("shards", [])]
+    else:
+        entries = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return [e if ("://" in e or e.startswith("/")) else f"{base}/{e}" for e in entries]
+
+
+def expand_patterns(patterns: Sequence[str], options: Mapping[str, Any] | None = None) -> list[str]:
+    """Shard URLs from brace patterns ({000..123}), globs, list files and plain paths, in order."""
+    urls: list[str] = []
+    for pattern in patterns:
+        for item in braceexpand(pattern):
+            fs, path = filesystem(item, options)
+            if any(ch in path for ch in "*?["):
+                found = sorted(fs.glob(path))
+                if not found:
+                    raise InputError(f"input pattern {item!r} matches no file")
+                urls += [_with_protocol(fs, p, item) for p in found]
+            elif not item.endswith(TAR_SUFFIXES) and fs.isfile(path):
+                urls += _read_list_file(item, options)
+            else:
+                urls.append(item)
+    seen, unique = set(), []
+    for u in urls:
+        if u not in seen:
+            seen.add(u)
+            unique.append(u)
+    return unique
+
+
+def _expected_counts(urls: Sequence[str], options: Mapping[str, Any] | None) -> dict[str, int]:
+    """Sample counts from index.json files next to the shards (written by jobs/make_shards.py)."""
+    counts: dict[str, int] = {}
+    for folder in sorted({u.rsplit("/", 1)[0] for u in urls if "/" in u}):
+        index_url = f"{folder}/{INDEX_NAME}"
+        fs, path = filesystem(index_url, options)
+        try:
+            if not fs.exists(path):
+                continue
+            index = json.loads(fs.cat_file(path))
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring unreadable shard index %s: %s", index_url, exc)
+            continue
+        for entry in index.get("shards", []):
+            counts[f"{folder}/{entry['name']}"] = int(entry["samples"])
+    return counts
+
+
+def resolve_shards(patterns: Sequence[str], options: Mapping[str, Any] | None = None) -> list[Shard]:
+    """Expands the input patterns and checks, before any work, that every shard exists."""
+    if not patterns:
+        raise InputError("no --input given")
+    first = patterns[0]
+    check_reachable(first if "{" not in first else next(iter(braceexpand(first))), options)
+    try:
+        urls = expand_patterns(patterns, options)
+    except FileNotFoundError as exc:
+        raise InputError(f"input not found: {exc}") from None
+    if not urls:
+        raise InputError(f"input patterns {list(patterns)} resolve to no shard")
+    missing = []
+    for url in urls:
+        fs, path = filesystem(url, options)
+        try:
+            if not fs.isfile(path):
+                missing.append(url)
+        except Exception as exc:  # noqa: BLE001
+            raise StorageError(f"{url}: cannot check the shard ({type(exc).__name__}: {exc})") from None
+    if missing:
+        raise InputError(f"{len(missing)} of {len(urls)} input shards do not exist, e.g. {missing[:3]}")
+    stems = [_stem(u) for u in urls]
+    unique = len(set(stems)) == len(stems)
+    counts = _expected_counts(urls, options)
+    return [Shard(u, s if unique else f"{s}-{hashlib.sha1(u.encode()).hexdigest()[:8]}", counts.get(u))
+            for u, s in zip(urls, stems)]
+
+
+def _tar_files(url: str, options: Mapping[str, Any] | None, progress: list) -> Iterator[dict]:
+    """The regular files of a tar as webdataset file dicts; checks the end-of-archive marker."""
+    fs, path = filesystem(url, options)
+    with fs.open(path, "rb", block_size=READ_BLOCK, cache_type="readahead") as raw:
+        try:
+            tf = tarfile.open(fileobj=raw, mode="r:")
+        except tarfile.ReadError as exc:
+            raise TruncatedShardError(url, 0, None, f"not a readable tar: {exc}") from None
+        member = None
+        try:
+            for member in tf:
+                if not member.isfile():
+                    continue
+                data = tf.extractfile(member).read()
+                if len(data) != member.size:
+                    raise tarfile.ReadError("unexpected end of data")
+                yield {"fname": member.name.removeprefix("./"), "data": data, "__url__": url}
+        except tarfile.ReadError as exc:
+            key = base_plus_ext(member.name.removeprefix("./"))[0] if member is not None else None
+            raise TruncatedShardError(url, progress[0], key, f"{exc} while reading {member.name if member else '?'}") from None
+        raw.seek(tf.offset)
+        if raw.read(1024) != bytes(1024):
+            raise TruncatedShardError(url, progress[0], None, "no end-of-archive marker: the file was cut short")
+
+
+def iter_samples(url: str, options: Mapping[str, Any] | None = None) -> Iterator[dict]:
+    """Samples of one shard as webdataset dicts: {"__key__", "__url__", "<ext>": bytes, ...}.
+
+    Raises TruncatedShardError for a damaged tar (after yielding the samples before the damage) and
+    lets transient read errors propagate, so the caller can retry the whole shard.
+    """
+    progress = [0]
+    for sample in group_by_keys(_tar_files(url, options, progress)):
+        progress[0] += 1
+        yield sample

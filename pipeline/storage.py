@@ -1,0 +1,94 @@
+"""Object-storage plumbing: fsspec filesystems, endpoints from the environment, path joining.
+
+Every URL the pipeline touches (shards, output store, checkpoints) goes through `filesystem()`, so a
+local path, `s3://` (AWS or any S3-compatible endpoint) and other fsspec protocols behave the same.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import fsspec
+
+# Environment variables that carry storage endpoints and credentials; propagated to Ray workers, whose
+# environment on a multi-node cluster is the node's own, not the submitter's.
+STORAGE_ENV_VARS = (
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "FSSPEC_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
+    "AWS_REQUEST_CHECKSUM_CALCULATION", "AWS_RESPONSE_CHECKSUM_VALIDATION", "FSSPEC_S3_KEY", "FSSPEC_S3_SECRET",
+)
+
+
+class StorageError(RuntimeError):
+    """Storage that cannot be reached or used (bucket missing, endpoint down, no permission)."""
+
+
+def protocol_of(url: str) -> str:
+    return url.split("://", 1)[0] if "://" in url else "file"
+
+
+def s3_endpoint_from_env() -> str | None:
+    for var in ("FSSPEC_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        if os.environ.get(var):
+            return os.environ[var]
+    return None
+
+
+def resolve_options(url: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Storage options for `url`: the user's, plus an S3 endpoint from the environment when they name none.
+
+    A custom (non-AWS) S3 endpoint gets checksums "when_required": newer botocore defaults add checksum
+    headers that S3-compatible servers often reject.
+    """
+    opts = dict(options or {})
+    if protocol_of(url) in ("s3", "s3a"):
+        client_kwargs = dict(opts.get("client_kwargs") or {})
+        endpoint = opts.get("endpoint_url") or client_kwargs.get("endpoint_url") or s3_endpoint_from_env()
+        if endpoint:
+            opts.setdefault("endpoint_url", endpoint)
+            if "amazonaws.com" not in endpoint:
+                config = dict(opts.get("config_kwargs") or {})
+                config.setdefault("request_checksum_calculation", "when_required")
+                config.setdefault("response_checksum_validation", "when_required")
+                opts["config_kwargs"] = config
+    return opts
+
+
+def filesystem(url: str, options: Mapping[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path within it) for a local path or fsspec URL."""
+    return fsspec.core.url_to_fs(url, **resolve_options(url, options))
+
+
+def join(base: str, *parts: str) -> str:
+    """Joins URL/path segments with '/', keeping the protocol."""
+    out = base.rstrip("/")
+    for part in parts:
+        out += "/" + part.strip("/")
+    return out
+
+
+def worker_env() -> dict[str, str]:
+    """The storage-related environment of this process, to hand to Ray workers."""
+    return {k: os.environ[k] for k in STORAGE_ENV_VARS if os.environ.get(k)}
+
+
+def check_reachable(url: str, options: Mapping[str, Any] | None = None, must_exist: bool = False) -> None:
+    """Fails fast, naming the URL, when its storage cannot be reached (or the object/dir is missing)."""
+    try:
+        fs, path = filesystem(url, options)
+        if must_exist and not fs.exists(path):
+            raise FileNotFoundError(f"{url} does not exist")
+        if protocol_of(url) in ("s3", "s3a"):
+            bucket = path.split("/", 1)[0]
+            fs.ls(bucket, refresh=True)  # raises for a missing bucket, bad credentials, dead endpoint
+    except FileNotFoundError as exc:
+        raise StorageError(f"{url}: not found ({exc}); check the bucket/path name") from None
+    except PermissionError as exc:
+        raise StorageError(f"{url}: permission denied ({exc}); check the credentials") from None
+    except OSError as exc:
+        raise StorageError(f"{url}: storage unreachable ({type(exc).__name__}: {exc}); check the endpoint "
+                           "(--storage-options or AWS_ENDPOINT_URL) and the network") from None
+    except Exception as exc:  # noqa: BLE001 - botocore/aiohttp errors are not OSErrors
+        raise StorageError(f"{url}: storage unreachable ({type(exc).__name__}: {exc})") from None
