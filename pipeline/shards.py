@@ -146,14 +146,18 @@ def resolve_shards(patterns: Sequence[str], options: Mapping[str, Any] | None = 
 
 
 def _tar_files(url: str, options: Mapping[str, Any] | None, progress: list) -> Iterator[dict]:
-    """The regular files of a tar as webdataset file dicts; checks the end-of-archive marker."""
+    """The regular files of a tar as webdataset file dicts; checks the end-of-archive marker.
+
+    On damage, the sample before the damaged one is flushed (an empty dict tells group_by_keys to yield
+    what it holds) when it is complete, then TruncatedShardError is raised.
+    """
     fs, path = filesystem(url, options)
     with fs.open(path, "rb", block_size=READ_BLOCK, cache_type="readahead") as raw:
         try:
             tf = tarfile.open(fileobj=raw, mode="r:")
         except tarfile.ReadError as exc:
             raise TruncatedShardError(url, 0, None, f"not a readable tar: {exc}") from None
-        member = None
+        member, last_key = None, None
         try:
             for member in tf:
                 if not member.isfile():
@@ -161,12 +165,18 @@ def _tar_files(url: str, options: Mapping[str, Any] | None, progress: list) -> I
                 data = tf.extractfile(member).read()
                 if len(data) != member.size:
                     raise tarfile.ReadError("unexpected end of data")
-                yield {"fname": member.name.removeprefix("./"), "data": data, "__url__": url}
+                name = member.name.removeprefix("./")
+                last_key = base_plus_ext(name)[0]
+                yield {"fname": name, "data": data, "__url__": url}
         except tarfile.ReadError as exc:
-            key = base_plus_ext(member.name.removeprefix("./"))[0] if member is not None else None
-            raise TruncatedShardError(url, progress[0], key, f"{exc} while reading {member.name if member else '?'}") from None
+            name = member.name.removeprefix("./") if member is not None else "?"
+            broken = base_plus_ext(name)[0] if member is not None else None
+            if broken != last_key:
+                yield {}  # the previous sample is whole: let it through
+            raise TruncatedShardError(url, progress[0], broken, f"{exc} while reading {name}") from None
         raw.seek(tf.offset)
         if raw.read(1024) != bytes(1024):
+            yield {}  # files read so far are intact; the last sample may lack entries (decoding will say)
             raise TruncatedShardError(url, progress[0], None, "no end-of-archive marker: the file was cut short")
 
 

@@ -1,0 +1,104 @@
+"""Multi-view jitter: flip, zoom and pad-and-crop, the same geometric transform for an image and its features.
+
+A jitter is an affine map of normalised coordinates ([-1, 1] spans the image, align_corners=False), so one
+jitter applies to any resolution: the image (B,3,H,W) and its 16x features (B,C,H',W') move together.
+Samples outside the image are reflected, as FeatUp's reflect-pad-then-crop does. See shared/METHOD.md.
+
+    jitter = sample_jitter(batch=4, image_size=224, generator=g)     # one transform for the whole batch
+    view, hr_view = jitter(images), jitter(hr)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class JitterSpec:
+    """How views are drawn: flip with p_flip; zoom with p_zoom, uniform in [1, max_zoom]; shift within `pad`.
+
+    `pad` is in pixels of an image of `image_size` pixels (FeatUp: 20 px at 224 for the JBU, 30 for the
+    implicit upsampler); the window may reach that far past each border.
+    """
+
+    p_flip: float = 0.5
+    p_zoom: float = 0.5
+    max_zoom: float = 2.0
+    pad: float = 20.0
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.p_flip <= 1 and 0 <= self.p_zoom <= 1):
+            raise ValueError(f"p_flip and p_zoom must be probabilities, got {self.p_flip}, {self.p_zoom}")
+        if self.max_zoom < 1:
+            raise ValueError(f"max_zoom must be >= 1 (1 = no zoom), got {self.max_zoom}")
+        if self.pad < 0:
+            raise ValueError(f"pad must be >= 0 pixels, got {self.pad}")
+
+
+class Jitter:
+    """A batch of affine view transforms, `theta` (B,2,3) mapping output to input normalised coordinates."""
+
+    def __init__(self, theta: torch.Tensor):
+        if theta.dim() != 3 or theta.shape[1:] != (2, 3):
+            raise ValueError(f"theta must be (B, 2, 3), got {tuple(theta.shape)}")
+        self.theta = theta
+
+    def __len__(self) -> int:
+        return self.theta.shape[0]
+
+    def __call__(self, x: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+        """Applies the transform to (B,C,H,W) at its own resolution; B must equal len(self) or theta be (1,2,3)."""
+        if x.dim() != 4:
+            raise ValueError(f"jitter expects (B,C,H,W), got {tuple(x.shape)}")
+        theta = self.theta.to(device=x.device, dtype=torch.float32)
+        if theta.shape[0] == 1 and x.shape[0] != 1:
+            theta = theta.expand(x.shape[0], 2, 3)
+        if theta.shape[0] != x.shape[0]:
+            raise ValueError(f"{theta.shape[0]} transforms for a batch of {x.shape[0]}")
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        # grid_sample needs the grid in the input's dtype (autocast may hand us float16/bfloat16)
+        return F.grid_sample(x, grid.to(x.dtype), mode=mode, padding_mode="reflection", align_corners=False)
+
+    def repeat_interleave(self, repeats: int) -> "Jitter":
+        return Jitter(self.theta.repeat_interleave(repeats, dim=0))
+
+
+def jitter_theta(flip: torch.Tensor, zoom: torch.Tensor, center_y: torch.Tensor, center_x: torch.Tensor
+                 ) -> torch.Tensor:
+    """theta (B,2,3) for views of size 1/zoom centred at (center_y, center_x), mirrored where `flip`."""
+    scale = 1.0 / zoom
+    sx = torch.where(flip, -scale, scale)
+    zeros = torch.zeros_like(scale)
+    return torch.stack([torch.stack([sx, zeros, center_x], -1), torch.stack([zeros, scale, center_y], -1)], 1)
+
+
+def sample_jitter(batch: int, image_size: int, spec: JitterSpec = JitterSpec(), per_sample: bool = False,
+                  generator: torch.Generator | None = None) -> Jitter:
+    """Random views; one transform shared by the batch (FeatUp's JBU recipe) unless `per_sample`.
+
+    Unzoomed views shift by whole pixels of the `image_size` image, so they resample it exactly.
+    """
+    if batch < 1 or image_size < 1:
+        raise ValueError(f"batch and image_size must be >= 1, got {batch}, {image_size}")
+    n = batch if per_sample else 1
+    u = torch.rand(n, 4, generator=generator, dtype=torch.float64)
+    flip = u[:, 0] < spec.p_flip
+    zoomed = u[:, 1] < spec.p_zoom
+    zoom = torch.where(zoomed, 1 + torch.rand(n, generator=generator, dtype=torch.float64) * (spec.max_zoom - 1),
+                       torch.ones(n, dtype=torch.float64))
+    # window start (pixels of the original image) uniform in [-pad, size + pad - size/zoom]
+    span = image_size + 2 * spec.pad - image_size / zoom
+    starts = -spec.pad + u[:, 2:4] * span[:, None]
+    starts = torch.where(zoomed[:, None], starts, starts.round())
+    centers = 2 * starts / image_size + 1 / zoom[:, None] - 1
+    theta = jitter_theta(flip, zoom, centers[:, 0], centers[:, 1]).float()
+    return Jitter(theta.expand(batch, 2, 3).contiguous())
+
+
+def identity(batch: int = 1) -> Jitter:
+    """The view that is the image itself."""
+    theta = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]).expand(batch, 2, 3).contiguous()
+    return Jitter(theta)

@@ -1,0 +1,223 @@
+"""The output location: a Zarr v3 store plus the job's bookkeeping, on local disk or object storage.
+
+Layout of <output>/:
+    zarr.json, features/, lowres/      Zarr groups; one array per (shard, attempt): (N, C, H, W), one chunk per
+                                       sample (one ranged GET), Blosc-zstd compressed. Plain `zarr.open` reads it.
+    _pipeline/job.json                 the settings this store was started with (a rerun must match them)
+    _pipeline/parts/<array>.parquet    manifest rows of one shard attempt
+    _pipeline/commits/<shard>.json     written LAST: the shard is done; names its arrays and part
+    manifest.parquet, run.json         written at the end of a run from the committed shards
+
+Exactly one task writes each array (the attempt token is in its name), so zarr's whole-object rewrites
+never race; a shard's outputs only count once its commit record exists.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+from zarr.codecs import BloscCodec
+
+from .storage import filesystem, join, protocol_of, resolve_options
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+PIPELINE_DIR = "_pipeline"
+FEATURES_GROUP = "features"
+LOWRES_GROUP = "lowres"
+MANIFEST_NAME = "manifest.parquet"
+RUN_NAME = "run.json"
+# numpy has no bfloat16: such arrays hold the raw bits as uint16 and say so in their attributes.
+STORED_NUMPY_DTYPE = {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}
+
+
+class OutputExistsError(RuntimeError):
+    """The output holds a run with other settings; refused unless --overwrite."""
+
+
+def compressor() -> BloscCodec:
+    return BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+
+
+def zarr_store(url: str, storage_options: Mapping[str, Any] | None = None, read_only: bool = False):
+    """A zarr v3 store for a local path or fsspec URL."""
+    if protocol_of(url) == "file":
+        path = url.removeprefix("file://")
+        return zarr.storage.LocalStore(path, read_only=read_only)
+    return zarr.storage.FsspecStore.from_url(url, storage_options=resolve_options(url, storage_options),
+                                             read_only=read_only)
+
+
+def to_stored(x: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 array -> the stored representation of `dtype` (bfloat16 as round-to-nearest-even uint16 bits)."""
+    if dtype != "bfloat16":
+        return x.astype(dtype, copy=False)
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = bits + 0x7FFF + ((bits >> 16) & 1)
+    return (rounded >> 16).astype(np.uint16)
+
+
+def from_stored(x: np.ndarray, dtype: str) -> np.ndarray:
+    """The stored representation -> a numpy float array (bfloat16 widened to float32, exactly)."""
+    if dtype != "bfloat16":
+        return x
+    return (x.astype(np.uint32) << 16).view(np.float32)
+
+
+class OutputStore:
+    """Read/write access to one output location; safe to construct in any process."""
+
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None):
+        self.url = url.rstrip("/")
+        self.storage_options = dict(storage_options or {})
+        self.fs, self.root = filesystem(self.url, self.storage_options)
+
+    # -- paths ---------------------------------------------------------------------------------------------
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    def url_of(self, *parts: str) -> str:
+        return join(self.url, *parts)
+
+    # -- small files ---------------------------------------------------------------------------------------
+    def put_bytes(self, rel: str, data: bytes) -> None:
+        """Writes a whole object atomically (a local temp file renamed into place; one PUT on object storage)."""
+        path = self.path(rel)
+        if protocol_of(self.url) == "file":
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        else:
+            self.fs.pipe_file(path, data)
+
+    def get_json(self, rel: str) -> dict | None:
+        try:
+            return json.loads(self.fs.cat_file(self.path(rel)))
+        except FileNotFoundError:
+            return None
+
+    def put_json(self, rel: str, obj: Any) -> None:
+        self.put_bytes(rel, json.dumps(obj, indent=1, sort_keys=True, default=str).encode())
+
+    def exists(self, rel: str = "") -> bool:
+        return self.fs.exists(self.path(rel) if rel else self.root)
+
+    # -- job identity ----------------------------------------------------------------------------------------
+    def prepare(self, identity: Mapping[str, Any], overwrite: bool) -> bool:
+        """Creates the store for a run with `identity`, or checks an existing one matches.
+
+        Returns True when resuming an existing run. A different run in the way is refused (OutputExistsError)
+        unless `overwrite`, which deletes it first.
+        """
+        job = {"format_version": FORMAT_VERSION, "identity": dict(identity)}
+        existing = self.get_json(f"{PIPELINE_DIR}/job.json") if self.exists() else None
+        has_content = self.exists() and bool(self.fs.ls(self.root, detail=False))
+        if existing is not None and existing == json.loads(json.dumps(job, default=str)) and not overwrite:
+            return True
+        if has_content and not overwrite:
+            if existing is None:
+                raise OutputExistsError(f"{self.url} exists and was not written by this job; choose another "
+                                        "--output or pass --overwrite to replace it")
+            diff = {k: (existing.get("identity", {}).get(k), v) for k, v in job["identity"].items()
+                    if existing.get("identity", {}).get(k) != v}
+            raise OutputExistsError(f"{self.url} holds a run with other settings {diff} (stored, requested); "
+                                    "pass --overwrite to replace it, or use another --output")
+        if has_content:
+            log.warning("--overwrite: deleting %s", self.url)
+            self.fs.rm(self.root, recursive=True)
+        root = zarr.open_group(zarr_store(self.url, self.storage_options), mode="w",
+                               attributes={"featup": {"format_version": FORMAT_VERSION, **dict(identity)}})
+        root.create_group(FEATURES_GROUP)
+        root.create_group(LOWRES_GROUP)
+        self.put_json(f"{PIPELINE_DIR}/job.json", job)
+        return False
+
+    # -- per-shard outputs -------------------------------------------------------------------------------------
+    @staticmethod
+    def new_array_name(shard_id: str) -> str:
+        return f"{shard_id}_{uuid.uuid4().hex[:8]}"
+
+    def create_array(self, group: str, name: str, sample_shape: tuple[int, ...], dtype: str, capacity: int,
+                     attributes: Mapping[str, Any]) -> zarr.Array:
+        """An (capacity, *sample_shape) array chunked one sample per chunk, owned by the caller alone."""
+        store = zarr_store(self.url_of(group, name), self.storage_options)
+        return zarr.create_array(store, shape=(capacity, *sample_shape), chunks=(1, *sample_shape),
+                                 dtype=STORED_NUMPY_DTYPE[dtype], compressors=[compressor()], fill_value=0,
+                                 attributes={"featup": {"dtype": dtype, **dict(attributes)}}, overwrite=True)
+
+    def open_array(self, array_path: str) -> zarr.Array:
+        return zarr.open_array(zarr_store(self.url_of(array_path), self.storage_options, read_only=True), mode="r")
+
+    def write_part(self, name: str, table: pa.Table) -> str:
+        rel = f"{PIPELINE_DIR}/parts/{name}.parquet"
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        self.put_bytes(rel, buf.getvalue())
+        return rel
+
+    def read_part(self, rel: str) -> pa.Table:
+        with self.fs.open(self.path(rel), "rb") as f:
+            return pq.read_table(f)
+
+    def commit(self, shard_id: str, record: Mapping[str, Any]) -> None:
+        """Marks a shard done. Written last, after its arrays and manifest part."""
+        self.put_json(f"{PIPELINE_DIR}/commits/{shard_id}.json", dict(record))
+
+    def commits(self) -> dict[str, dict]:
+        """shard_id -> commit record, for every committed shard (unreadable records count as absent)."""
+        folder = self.path(PIPELINE_DIR, "commits")
+        if not self.fs.exists(folder):
+            return {}
+        out = {}
+        for path in self.fs.ls(folder, detail=False):
+            if not path.endswith(".json"):
+                continue
+            try:
+                record = json.loads(self.fs.cat_file(path))
+                out[record["shard_id"]] = record
+            except (ValueError, KeyError, FileNotFoundError):
+                log.warning("ignoring an unreadable commit record %s (the shard will be redone)", path)
+        return out
+
+    # -- end of run ------------------------------------------------------------------------------------------
+    def write_manifest(self, table: pa.Table) -> None:
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        self.put_bytes(MANIFEST_NAME, buf.getvalue())
+
+    def remove_unreferenced(self, keep_arrays: Iterable[str], keep_parts: Iterable[str]) -> int:
+        """Deletes arrays and parts of failed or superseded attempts; returns how many were removed."""
+        keep_arrays, keep_parts = set(keep_arrays), set(keep_parts)
+        removed = 0
+        for group in (FEATURES_GROUP, LOWRES_GROUP):
+            folder = self.path(group)
+            if not self.fs.exists(folder):
+                continue
+            for path in self.fs.ls(folder, detail=False):
+                name = path.rstrip("/").rsplit("/", 1)[-1]
+                if name != "zarr.json" and f"{group}/{name}" not in keep_arrays:
+                    self.fs.rm(path, recursive=True)
+                    removed += 1
+        parts = self.path(PIPELINE_DIR, "parts")
+        if self.fs.exists(parts):
+            for path in self.fs.ls(parts, detail=False):
+                rel = f"{PIPELINE_DIR}/parts/{path.rsplit('/', 1)[-1]}"
+                if rel not in keep_parts:
+                    self.fs.rm(path)
+                    removed += 1
+        return removed
