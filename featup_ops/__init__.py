@@ -18,3 +18,17 @@ __all__ = [
     "JBULayer", "JBUStack", "ChannelNorm",
     "FeatureModel", "UpsamplerError", "create_upsampler", "list_upsamplers",
 ]
+
+# Multi-view training, the implicit upsampler and evaluation (issue 4).
+from . import implicit as _implicit  # noqa: E402,F401 - registers the `implicit` upsampler
+from .downsamplers import AttentionDownsampler, SimpleDownsampler, area_downsample, create_downsampler  # noqa: E402
+from .implicit import ImplicitConfig, ImplicitFit, ImplicitUpsampler, fit_implicit  # noqa: E402
+from .jitter import Jitter, JitterSpec, sample_jitter  # noqa: E402
+from .training import MultiViewTrainer, TrainConfig, load_checkpoint, save_checkpoint, train  # noqa: E402
+
+__all__ += [
+    "AttentionDownsampler", "SimpleDownsampler", "area_downsample", "create_downsampler",
+    "ImplicitConfig", "ImplicitFit", "ImplicitUpsampler", "fit_implicit",
+    "Jitter", "JitterSpec", "sample_jitter",
+    "MultiViewTrainer", "TrainConfig", "load_checkpoint", "save_checkpoint", "train",
+]

@@ -16,11 +16,13 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.config import DTYPES, ConfigError, JobConfig
-from pipeline.driver import JobFailed, run_job
-from pipeline.shards import InputError
-from pipeline.storage import StorageError
-from pipeline.store import OutputExistsError
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run the code this script ships with
+
+from pipeline.config import DTYPES, ConfigError, JobConfig  # noqa: E402
+from pipeline.driver import JobFailed, run_job  # noqa: E402
+from pipeline.shards import InputError  # noqa: E402
+from pipeline.storage import StorageError  # noqa: E402
+from pipeline.store import OutputExistsError  # noqa: E402
 
 log = logging.getLogger("upsample_coco")
 

@@ -57,9 +57,14 @@ class ShardWorker:
 
     def __init__(self, config: JobConfig, torch_threads: int | None):
         self.processor = ShardProcessor(config, torch_threads=torch_threads)
+        self._parent = os.getppid()  # the node's raylet
+
+    def _orphaned(self) -> bool:
+        """True once this node's Ray runtime is gone (e.g. its machine's driver was killed): stop writing."""
+        return os.getppid() != self._parent
 
     def process(self, task: ShardTask) -> ShardResult:
-        return self.processor.process(task)
+        return self.processor.process(task, should_stop=self._orphaned)
 
     def status(self) -> dict:
         return dict(self.processor.status)
@@ -99,11 +104,18 @@ def _validate_model(config: JobConfig) -> dict:
 
 
 def _init_ray() -> None:
+    """Connects to the cluster named by RAY_ADDRESS (as `ray job submit` sets), else starts a local one.
+
+    A local instance keeps to the loopback interface: a single-machine run has no reason to listen on
+    or talk over the network (Ray otherwise picks the machine's external address).
+    """
+    address = os.environ.get("RAY_ADDRESS")
+    if not address:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray's switch for loopback-only nodes
     import ray
 
     if ray.is_initialized():
         return
-    address = os.environ.get("RAY_ADDRESS")
     if address:
         log.info("connecting to the Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=True)

@@ -12,7 +12,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 
 TORCH_STORED_DTYPE = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 _END = object()
+
+
+class ShardAborted(RuntimeError):
+    """Processing stopped because the caller went away (nothing of the attempt is committed)."""
 
 
 @dataclass(frozen=True)
@@ -232,7 +236,9 @@ class ShardProcessor:
 
         return to_numpy(highres), to_numpy(lowres)
 
-    def process(self, task: ShardTask) -> ShardResult:
+    def process(self, task: ShardTask, should_stop: Callable[[], bool] | None = None) -> ShardResult:
+        """Streams, computes and writes one shard, then commits it. `should_stop` is polled per sample:
+        when it says so the attempt is abandoned uncommitted (its arrays are garbage-collected later)."""
         shard, cfg = task.shard, self.config
         t0 = time.perf_counter()
         result = ShardResult(shard.shard_id, shard.url)
@@ -267,6 +273,8 @@ class ShardProcessor:
                 if task.max_samples is not None and result.samples_read >= task.max_samples:
                     result.complete = False
                     break
+                if should_stop is not None and should_stop():
+                    raise ShardAborted(f"{shard.url}: abandoned, the job that asked for it is gone")
                 result.samples_read += 1
                 self.status["samples"] = result.samples_read
                 if item.error is not None:

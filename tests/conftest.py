@@ -13,6 +13,9 @@ DATA = Path(__file__).parent / "data"
 ROOT = Path(__file__).resolve().parent.parent
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Ray nodes started by the tests keep to 127.0.0.1 (Ray's switch for loopback-only nodes); set before
+# ray is imported anywhere.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")

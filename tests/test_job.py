@@ -33,13 +33,13 @@ def job_config(inputs, output, **kw) -> JobConfig:
     return JobConfig(**base)
 
 
-def expected_features(shard_urls, dtype=np.float16, options=None) -> dict[str, np.ndarray]:
+def expected_features(shard_urls, size: int = SIZE, dtype=np.float16, options=None) -> dict[str, np.ndarray]:
     """Features computed directly, without Ray or storage, from the same shards."""
     model = FeatureModel.create("oracle", "jbu", random_init=True)
     out = {}
     for url in shard_urls:
         for sample in iter_samples(url, options):
-            img, _ = load_sample_image(sample, SIZE)
+            img, _ = load_sample_image(sample, size)
             x = torch.from_numpy(img.copy()).permute(2, 0, 1)[None].float() / 255
             out[sample["__key__"]] = model(x)[1][0].numpy().astype(dtype)
     return out

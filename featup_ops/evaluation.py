@@ -1,0 +1,166 @@
+"""Measuring an upsampler: against known truth (the oracle) and by held-out multi-view reconstruction.
+
+- rel_error: ||up - truth|| / ||truth|| over the whole set (sums of squares over all images, then the ratio);
+- cosine: mean over all pixels of the cosine similarity between up and truth feature vectors;
+- recon_error: for jittered views of each image (fixed seed, so every upsampler sees the same views),
+  ||area_downsample(jitter(hr)) - backbone(jitter(image))|| / ||backbone(jitter(image))|| over the set.
+  It needs no truth, so it works for every backbone; the fixed area average (not a learned downsampler)
+  keeps it comparable between upsamplers.
+Also a PCA colouring of feature maps for previews.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from .backbones import Backbone
+from .downsamplers import area_downsample
+from .jitter import JitterSpec, sample_jitter
+from .training import imagenet_normalize
+
+EVAL_JITTER = JitterSpec(p_flip=0.5, p_zoom=0.5, max_zoom=2.0, pad=20.0)
+
+
+@dataclass
+class Scores:
+    """One upsampler's figures over a set of images (rel_error and cosine only where a truth exists)."""
+
+    rel_error: float | None
+    cosine: float | None
+    recon_error: float
+    seconds_per_image: float
+    images: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class _Sums:
+    def __init__(self) -> None:
+        self.err = self.ref = self.cos = 0.0
+        self.pixels = 0
+
+    def add(self, pred: torch.Tensor, ref: torch.Tensor, cosine: bool = False) -> None:
+        pred, ref = pred.double(), ref.double()
+        self.err += (pred - ref).square().sum().item()
+        self.ref += ref.square().sum().item()
+        if cosine:
+            self.cos += F.cosine_similarity(pred, ref, dim=1, eps=1e-8).sum().item()
+            self.pixels += pred.shape[0] * pred.shape[2] * pred.shape[3]
+
+    def relative(self) -> float:
+        return (self.err / max(self.ref, 1e-30)) ** 0.5
+
+
+def relative_error(pred: torch.Tensor, truth: torch.Tensor) -> float:
+    """||pred - truth|| / ||truth|| over the whole tensor."""
+    s = _Sums()
+    s.add(pred, truth)
+    return s.relative()
+
+
+def mean_cosine(pred: torch.Tensor, truth: torch.Tensor) -> float:
+    """Mean per-pixel cosine similarity of (B,C,H,W) maps."""
+    s = _Sums()
+    s.add(pred, truth, cosine=True)
+    return s.cos / s.pixels
+
+
+def call_upsampler(upsampler: nn.Module, backbone: Backbone, lowres: torch.Tensor, images01: torch.Tensor
+                   ) -> torch.Tensor:
+    """up(lowres, guidance), passing backbone and images to upsamplers that need them (the implicit one)."""
+    guidance = imagenet_normalize(images01)
+    if getattr(upsampler, "needs_backbone", False):
+        return upsampler(lowres, guidance, backbone=backbone, images=images01)
+    return upsampler(lowres, guidance)
+
+
+@torch.no_grad()
+def reconstruction_sums(backbone: Backbone, hr: torch.Tensor, images01: torch.Tensor, views: int,
+                        generator: torch.Generator, spec: JitterSpec = EVAL_JITTER) -> tuple[float, float]:
+    """(sum of squared errors, sum of squared targets) of area-downsampled jittered hr vs jittered views."""
+    err = ref = 0.0
+    for _ in range(views):
+        jitter = sample_jitter(images01.shape[0], images01.shape[-1], spec, per_sample=True, generator=generator)
+        target = backbone(backbone.normalize(jitter(images01))).double()
+        pred = area_downsample(jitter(hr.float()), target.shape[2:]).double()
+        err += (pred - target).square().sum().item()
+        ref += target.square().sum().item()
+    return err, ref
+
+
+def evaluate_upsampler(backbone: Backbone, upsampler: nn.Module, batches: Iterable[torch.Tensor],
+                       recon_views: int = 5, seed: int = 0) -> Scores:
+    """Scores of `upsampler` on [0,1] image batches (B,3,S,S). rel_error/cosine need `backbone.true_features`."""
+    if recon_views < 1:
+        raise ValueError(f"recon_views must be >= 1, got {recon_views}")
+    has_truth = hasattr(backbone, "true_features")
+    if has_truth and backbone.channel_norm is not None:
+        raise ValueError("the backbone's known truth is defined for its raw features, but a channel norm is "
+                         "attached (an upsampler trained with channel_norm=True): train it with --no-channel-norm")
+    truth_sums, recon = _Sums(), _Sums()
+    generator = torch.Generator().manual_seed(seed)
+    seconds, n = 0.0, 0
+    upsampler.eval()
+    for images01 in batches:
+        images01 = images01.float()
+        start = time.perf_counter()
+        with torch.no_grad():
+            lowres = backbone(backbone.normalize(images01))
+            hr = call_upsampler(upsampler, backbone, lowres, images01)
+        seconds += time.perf_counter() - start
+        n += images01.shape[0]
+        if has_truth:
+            with torch.no_grad():
+                truth = backbone.true_features(backbone.normalize(images01), size=tuple(hr.shape[2:]))
+            truth_sums.add(hr, truth, cosine=True)
+        e, r = reconstruction_sums(backbone, hr, images01, recon_views, generator)
+        recon.err += e
+        recon.ref += r
+    if n == 0:
+        raise ValueError("no images to evaluate")
+    return Scores(rel_error=truth_sums.relative() if has_truth else None,
+                  cosine=truth_sums.cos / truth_sums.pixels if has_truth else None,
+                  recon_error=recon.relative(), seconds_per_image=seconds / n, images=n)
+
+
+# ---- previews ----------------------------------------------------------------------------------------------------
+def pca_colours(maps: list[torch.Tensor]) -> list[np.ndarray]:
+    """Feature maps (C,H,W) -> RGB uint8 (H,W,3), through one 3-component PCA fitted on all of them."""
+    flat = torch.cat([m.detach().float().flatten(1).T for m in maps])
+    mean = flat.mean(0)
+    _, _, v = torch.linalg.svd(flat - mean, full_matrices=False)
+    basis = v[:3].T
+    proj = [((m.detach().float().flatten(1).T - mean) @ basis) for m in maps]
+    allp = torch.cat(proj)
+    lo, hi = allp.quantile(0.01, dim=0), allp.quantile(0.99, dim=0)
+    out = []
+    for m, p in zip(maps, proj):
+        rgb = ((p - lo) / (hi - lo).clamp_min(1e-8)).clamp(0, 1).T.reshape(3, *m.shape[1:])
+        out.append((rgb.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    return out
+
+
+def preview_png(images01: torch.Tensor, lowres: torch.Tensor, highres: torch.Tensor, size: int = 224) -> bytes:
+    """A PNG grid, one row per image: the image | low-res features | high-res features (shared PCA colours)."""
+    maps = [m for i in range(images01.shape[0]) for m in (lowres[i], highres[i])]
+    colours = pca_colours(maps)
+    rows = []
+    for i in range(images01.shape[0]):
+        img = (images01[i].clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        tiles = [img, colours[2 * i], colours[2 * i + 1]]
+        resample = [Image.BILINEAR, Image.NEAREST, Image.NEAREST]
+        rows.append(np.concatenate([np.asarray(Image.fromarray(t).resize((size, size), r))
+                                    for t, r in zip(tiles, resample)], 1))
+    buf = io.BytesIO()
+    Image.fromarray(np.concatenate(rows, 0)).save(buf, format="PNG")
+    return buf.getvalue()
