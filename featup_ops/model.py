@@ -102,9 +102,9 @@ class FeatureModel(nn.Module):
     def create(cls, backbone: str, upsampler: str = "jbu", backbone_weights: str | None = None,
                upsampler_weights: str | Mapping | None = None, random_init: bool = False,
                storage_options: Mapping[str, Any] | None = None, upsampler_options: Mapping[str, Any] | None = None,
-               ) -> "FeatureModel":
+               backbone_options: Mapping[str, Any] | None = None) -> "FeatureModel":
         bb = create_backbone(backbone, weights=backbone_weights, random_init=random_init,
-                             storage_options=storage_options)
+                             storage_options=storage_options, **dict(backbone_options or {}))
         up = create_upsampler(upsampler, bb.dim, weights=upsampler_weights, random_init=random_init,
                               storage_options=storage_options, **dict(upsampler_options or {}))
         up_id = "none"

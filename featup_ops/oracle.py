@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .backbones import IMAGENET_MEAN, IMAGENET_STD, Backbone, BackboneError, register_backbone
+from .model import UpsamplerError, register_upsampler
 
 HIDDEN = 32
 SEED = 1
@@ -65,3 +66,54 @@ def create_oracle(weights: str | None = None, random_init: bool = False,
     if weights is not None:
         raise BackboneError("the oracle backbone is defined by a fixed seed and takes no weights file")
     return OracleBackbone(dim, patch_size).eval().requires_grad_(False)
+
+
+# -- known-truth segmentation labels -------------------------------------------------------------------------
+LABEL_CLASSES = 8
+LABEL_SEED = 2
+
+
+def oracle_label_weights(dim: int = 32) -> torch.Tensor:
+    """The fixed linear map (8, dim) from oracle features to class scores, from a Generator seeded with 2."""
+    return torch.randn(LABEL_CLASSES, dim, generator=torch.Generator().manual_seed(LABEL_SEED))
+
+
+def oracle_labels(x: torch.Tensor, size: tuple[int, int] | None = None, dim: int = 32) -> torch.Tensor:
+    """Per-pixel class (B, H, W) int64: argmax over 8 classes of the fixed map applied to the true
+    high-res oracle features of the normalised image `x` at `size` (default: the image's own)."""
+    oracle = OracleBackbone(dim).to(x.device)
+    feats = oracle.true_features(x, size)
+    scores = torch.einsum("kc,bchw->bkhw", oracle_label_weights(dim).to(x.device, x.dtype), feats)
+    return scores.argmax(dim=1)
+
+
+class TrueFeatures(torch.nn.Module):
+    """The `truth` upsampler: the oracle's exact high-res features, the ceiling any upsampler aims for."""
+
+    needs_backbone = True
+    channel_norm = None
+
+    def __init__(self, scale: int = 16):
+        super().__init__()
+        self.scale = scale
+
+    def config(self) -> dict:
+        return {"kind": "truth", "scale": self.scale}
+
+    def normalize_features(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+    def forward(self, features: torch.Tensor, guidance: torch.Tensor, backbone: Backbone | None = None,
+                images: torch.Tensor | None = None) -> torch.Tensor:
+        if not isinstance(backbone, OracleBackbone):
+            raise UpsamplerError(f"the truth upsampler exists only for the oracle backbone, not {backbone!r}")
+        h, w = features.shape[2:]
+        return backbone.true_features(guidance, (h * self.scale, w * self.scale))
+
+
+@register_upsampler("truth", "the oracle backbone's exact high-res features (evaluation ceiling; oracle only)")
+def _create_truth(dim: int, weights: str | None = None, random_init: bool = False,
+                  storage_options: Mapping[str, Any] | None = None, scale: int = 16) -> TrueFeatures:
+    if weights is not None:
+        raise UpsamplerError("the truth upsampler takes no weights")
+    return TrueFeatures(scale)

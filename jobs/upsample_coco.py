@@ -43,11 +43,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     model = p.add_argument_group("model")
     model.add_argument("--backbone", default="dinov2",
                        help="preset (dino16, dino8, dinov2, clip, vit, resnet50, oracle) or any timm model id")
+    model.add_argument("--backbone-options", type=json.loads, default={}, metavar="JSON",
+                       help='extra backbone arguments, e.g. \'{"dim": 384}\' for a 384-channel oracle')
     model.add_argument("--backbone-weights", help="backbone weights, local or fsspec URL (.safetensors or a torch "
                        "state dict); default: the local timm/Hugging Face cache")
-    model.add_argument("--upsampler", default="jbu", choices=("jbu", "bilinear", "bicubic", "implicit"),
+    model.add_argument("--upsampler", default="jbu", choices=("jbu", "bilinear", "bicubic", "implicit", "truth"),
                        help="jbu: FeatUp JBU stack (needs --upsampler-weights); bilinear/bicubic: baselines; "
-                            "implicit: per-image fitted implicit model (slow, best)")
+                            "implicit: per-image fitted implicit model (slow, best); truth: the oracle's exact "
+                            "features (oracle backbone only, an evaluation ceiling)")
     model.add_argument("--upsampler-weights", help="JBU checkpoint: this project's .safetensors or a published "
                        "FeatUp .ckpt, local or fsspec URL")
     model.add_argument("--implicit-steps", type=int, help="implicit upsampler: optimisation steps per image")
@@ -57,8 +60,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     model.add_argument("--image-size", type=int, default=224,
                        help="images are resized (shorter side) and centre-cropped to this size (default 224)")
     model.add_argument("--dtype", default="float16", choices=DTYPES,
-                       help="stored feature dtype, also the compute dtype on GPU (default float16)")
-    model.add_argument("--no-lowres", action="store_true", help="do not store the backbone's low-res features")
+                       help="compute precision on GPU, and the stored float type unless --storage says otherwise "
+                            "(default float16)")
+    store = p.add_argument_group("what is stored")
+    store.add_argument("--storage", metavar="PRESET",
+                       help="float16 | bfloat16 | float32 | int8 (per-sample per-channel 8-bit) | pca<k> (k principal "
+                            "components, fitted on --pca-samples images) | lowres (low-res features + image; the "
+                            "upsampler re-runs on read). Default: --dtype")
+    store.add_argument("--pca-samples", type=int, default=64, help="images the pca<k> projection is fitted on")
+    store.add_argument("--labels", default="auto", choices=("auto", "oracle", "none"),
+                       help="auto: store each sample's seg.png/label.png aligned with the features; oracle: "
+                            "known-truth labels of the oracle features (tests, benchmarks); none")
+    store.add_argument("--no-lowres", action="store_true", help="do not store the backbone's low-res features")
+    store.add_argument("--previews", type=int, default=4,
+                       help="PCA preview PNGs of the first N samples into <output>/previews/ (default 4, 0 = none)")
     run = p.add_argument_group("execution")
     run.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     run.add_argument("--actors", type=int, help="worker actors (default: one per GPU, or 1 on a CPU-only cluster)")
@@ -78,8 +93,9 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         raise ConfigError("--implicit-steps/--implicit-views only apply to --upsampler implicit")
     return JobConfig(
         inputs=tuple(args.input or ()), output=args.output or "", backbone=args.backbone,
-        backbone_weights=args.backbone_weights, upsampler=args.upsampler, upsampler_weights=args.upsampler_weights,
+        backbone_weights=args.backbone_weights, backbone_options=args.backbone_options, upsampler=args.upsampler, upsampler_weights=args.upsampler_weights,
         upsampler_options=implicit, random_init=args.random_init, image_size=args.image_size, dtype=args.dtype,
+        storage=args.storage, labels=args.labels, pca_samples=args.pca_samples, previews=args.previews,
         store_lowres=not args.no_lowres, batch_size=args.batch_size, actors=args.actors,
         gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor, decode_threads=args.decode_threads,
         limit=args.limit, overwrite=args.overwrite, storage_options=args.storage_options,

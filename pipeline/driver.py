@@ -21,8 +21,9 @@ from . import manifest
 from .config import ConfigError, JobConfig
 from .shards import Shard, resolve_shards
 from .storage import check_reachable, protocol_of, worker_env
-from .store import MANIFEST_NAME, RUN_NAME, OutputStore
-from .worker import ShardProcessor, ShardResult, ShardTask
+from .presets import error_bound, pca_components
+from .store import MANIFEST_NAME, RUN_NAME, UPSAMPLER_NAME, OutputStore
+from .worker import ShardProcessor, ShardResult, ShardTask, build_model
 
 log = logging.getLogger(__name__)
 IN_FLIGHT_PER_ACTOR = 2
@@ -66,6 +67,9 @@ class ShardWorker:
     def process(self, task: ShardTask) -> ShardResult:
         return self.processor.process(task, should_stop=self._orphaned)
 
+    def fit_pca(self, shards: list[Shard], images: int, k: int) -> tuple:
+        return self.processor.fit_pca(shards, images, k)
+
     def status(self) -> dict:
         return dict(self.processor.status)
 
@@ -86,21 +90,40 @@ def _versions() -> dict:
     return out
 
 
-def _validate_model(config: JobConfig) -> dict:
+def _validate_model(config: JobConfig):
     """Builds the model once on CPU: unknown backbone, unreadable or mismatched weights fail here, early."""
-    from featup_ops import BackboneError, CheckpointError, FeatureModel, UpsamplerError
+    from featup_ops import BackboneError, CheckpointError, UpsamplerError
 
     try:
-        model = FeatureModel.create(
-            config.backbone, config.upsampler, backbone_weights=config.backbone_weights,
-            upsampler_weights=config.upsampler_weights, random_init=config.random_init,
-            storage_options=config.storage_options, upsampler_options=config.upsampler_options)
+        model = build_model(config)
     except (BackboneError, UpsamplerError, CheckpointError, FileNotFoundError) as exc:
         raise ConfigError(str(exc)) from None
+    return model
+
+
+def _describe(model, config: JobConfig) -> dict:
     described = model.describe()
     described["output_size"] = list(model.output_size(config.image_size, config.image_size))
     described["lowres_size"] = list(model.lowres_size(config.image_size, config.image_size))
     return described
+
+
+def _store_upsampler(model, store: OutputStore) -> None:
+    """The lowres preset's reader re-runs the JBU: keep its exact weights with the cache."""
+    from featup_ops import save_jbu
+
+    save_jbu(model.upsampler, store.url_of(UPSAMPLER_NAME), store.storage_options)
+
+
+def _write_previews(config: JobConfig, store: OutputStore) -> None:
+    """PCA pictures (image | low-res | high-res) of the first samples, into <output>/previews/."""
+    from .previews import write_previews
+
+    try:
+        paths = write_previews(config.output, count=config.previews, storage_options=config.storage_options)
+        log.info("wrote %d preview(s) to %s", len(paths), store.url_of("previews"))
+    except Exception as exc:  # noqa: BLE001 - pictures must never fail a finished job
+        log.warning("could not write previews: %s: %s", type(exc).__name__, exc)
 
 
 def _init_ray() -> None:
@@ -168,17 +191,41 @@ class _Progress:
         self.bar.close()
 
 
-def _schedule(config: JobConfig, pending: list[Shard], budget: int | None, summary: RunSummary) -> list[ShardResult]:
-    """Runs the pending shards on an actor pool; returns the results of the shards that committed."""
+def _start_actors(config: JobConfig, shards_to_do: int) -> list:
+    """The worker pool: each actor pinned to its GPU(s) (or CPUs), restarted by Ray if its process dies."""
     import ray
-    from ray.exceptions import RayActorError, RayTaskError
 
     n_actors, gpus, cpus = _actor_layout(config)
-    n_actors = min(n_actors, max(1, len(pending)))
+    n_actors = min(n_actors, max(1, shards_to_do))
     remote_cls = ray.remote(concurrency_groups={"compute": 1, "status": 1})(ShardWorker)
     actor_opts = dict(num_gpus=gpus, num_cpus=cpus, max_restarts=config.max_actor_restarts, max_task_retries=0,
                       runtime_env={"env_vars": worker_env()})
-    actors = [remote_cls.options(**actor_opts).remote(config, int(cpus)) for _ in range(n_actors)]
+    return [remote_cls.options(**actor_opts).remote(config, int(cpus)) for _ in range(n_actors)]
+
+
+def _fit_pca(actor, config: JobConfig, shards: list[Shard], store: OutputStore) -> dict:
+    """Fits the dataset's pca<k> projection on one worker and stores it once, before any shard is written."""
+    import ray
+
+    from .presets import error_bound, pca_components
+
+    k = pca_components(config.storage_preset)
+    log.info("fitting the %s projection on the first %d images", config.storage_preset, config.pca_samples)
+    mean, components, explained, pixels = ray.get(
+        actor.fit_pca.options(concurrency_group="compute").remote(shards, config.pca_samples, k))
+    store.write_pca(mean, components, explained, pixels)
+    log.info("%s keeps %.2f%% of the feature variance (fitted on %d pixels)", config.storage_preset,
+             100 * explained, pixels)
+    return {"explained_variance": explained, "fitted_on_pixels": pixels}
+
+
+def _schedule(config: JobConfig, actors: list, pending: list[Shard], budget: int | None, summary: RunSummary
+              ) -> list[ShardResult]:
+    """Runs the pending shards on the actor pool; returns the results of the shards that committed."""
+    import ray
+    from ray.exceptions import RayActorError, RayTaskError
+
+    n_actors = len(actors)
     in_flight: dict = {}  # ObjectRef -> (task, actor index, reserved samples)
     load = [0] * n_actors
     failures = [0] * n_actors
@@ -257,8 +304,6 @@ def _schedule(config: JobConfig, pending: list[Shard], budget: int | None, summa
             submit()
     finally:
         progress.close()
-        for actor in actors:
-            ray.kill(actor)
     return results
 
 
@@ -285,10 +330,14 @@ def run_job(config: JobConfig) -> RunSummary:
         check_reachable(config.output, config.storage_options)
     shards = resolve_shards(list(config.inputs), config.storage_options)
     log.info("%d input shard(s), first %s", len(shards), shards[0].url)
-    model_info = _validate_model(config)
+    model = _validate_model(config)
+    model_info = _describe(model, config)
     identity = {**config.identity(), "weights": model_info["weights"], "output_size": model_info["output_size"],
                 "dim": model_info["dim"]}
     resumed = store.prepare(identity, config.overwrite)
+    if config.storage_preset == "lowres" and config.upsampler == "jbu":
+        _store_upsampler(model, store)
+    del model
 
     commits = store.commits()
     done = {s.shard_id for s in shards if commits.get(s.shard_id, {}).get("complete")}
@@ -300,9 +349,19 @@ def run_job(config: JobConfig) -> RunSummary:
     if config.limit is not None:
         budget = config.limit - sum(commits[s]["samples_read"] for s in done)
 
+    preset_info: dict = {}
     if pending and (budget is None or budget > 0):
         _init_ray()
-        _schedule(config, pending, budget, summary)
+        import ray
+
+        actors = _start_actors(config, len(pending))
+        try:
+            if pca_components(config.storage_preset) is not None and store.read_pca() is None:
+                preset_info = _fit_pca(actors[0], config, pending, store)
+            _schedule(config, actors, pending, budget, summary)
+        finally:
+            for actor in actors:
+                ray.kill(actor)
 
     commits = store.commits()
     committed = [commits[s.shard_id] for s in shards if s.shard_id in commits]
@@ -319,13 +378,13 @@ def run_job(config: JobConfig) -> RunSummary:
     summary.shards_done = len(committed)
     summary.seconds = time.perf_counter() - t0
     if not summary.shards_failed:
-        removed = store.remove_unreferenced(
-            [c[k] for c in committed for k in ("features_array", "lowres_array") if c.get(k)],
-            [c["part"] for c in committed])
+        removed = store.remove_unreferenced([c["array_name"] for c in committed], [c["part"] for c in committed])
         if removed:
             log.info("removed %d leftover objects of failed attempts", removed)
     summary.run = {
-        "settings": identity, "model": model_info, "versions": _versions(),
+        "settings": identity, "model": model_info,
+        "storage": {"preset": config.storage_preset, **preset_info,
+                    "error_bound": error_bound(config.storage_preset)}, "versions": _versions(),
         "flags": {k: v for k, v in vars(config).items() if k not in ("storage_options",)},
         "counts": {"shards": len(shards), "shards_committed": len(committed), "shards_skipped_resumed": len(done),
                    "shards_failed": len(summary.shards_failed), "samples": summary.samples_read, "ok": summary.ok,
@@ -337,6 +396,8 @@ def run_job(config: JobConfig) -> RunSummary:
         "manifest": MANIFEST_NAME,
     }
     store.put_json(RUN_NAME, summary.run)
+    if config.previews and summary.ok:
+        _write_previews(config, store)
     if summary.shards_failed:
         raise JobFailed(f"{len(summary.shards_failed)} shard(s) failed after {config.max_attempts} attempts, e.g. "
                         f"{summary.shards_failed[0]}; the manifest covers the {len(committed)} committed shards. "

@@ -34,6 +34,7 @@ class Geometry:
     orig_height: int
     orig_width: int
     orig_mode: str
+    exif_orientation: int
     resized_height: int
     resized_width: int
     crop_top: int
@@ -76,8 +77,9 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = DEFAULT_MIN_SIDE
-                 ) -> tuple[np.ndarray, str]:
-    """Bytes -> (H, W, 3) uint8 RGB upright (EXIF orientation applied), and the original PIL mode."""
+                 ) -> tuple[np.ndarray, str, int]:
+    """Bytes -> (H, W, 3) uint8 RGB upright (EXIF orientation applied), the original PIL mode and the EXIF
+    orientation (1 = as stored)."""
     if not data:
         raise SampleError("empty image file")
     try:
@@ -92,6 +94,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: in
                 raise SampleError(f"image is {width}x{height}, smaller than the minimum side of {min_side} px")
             img.load()
             mode = img.mode
+            orientation = int(img.getexif().get(0x0112, 1) or 1)
             img = ImageOps.exif_transpose(img)
             rgb = _to_rgb(img)
     except SampleError:
@@ -102,10 +105,10 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: in
         raise SampleError(f"decompression bomb: {exc}") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise SampleError(f"corrupt image: {exc}") from None
-    return np.asarray(rgb, dtype=np.uint8), mode
+    return np.asarray(rgb, dtype=np.uint8), mode, orientation
 
 
-def resize_and_crop(rgb: np.ndarray, size: int, mode: str = "?") -> tuple[np.ndarray, Geometry]:
+def resize_and_crop(rgb: np.ndarray, size: int, mode: str = "?", orientation: int = 1) -> tuple[np.ndarray, Geometry]:
     """Shorter side -> `size` (bicubic, antialiased), then the central size x size window.
 
     The FeatUp training preprocessing (Resize(size) + CenterCrop(size)). Returns (size, size, 3) uint8.
@@ -116,12 +119,65 @@ def resize_and_crop(rgb: np.ndarray, size: int, mode: str = "?") -> tuple[np.nda
     img = Image.fromarray(rgb).resize((rw, rh), Image.BICUBIC, reducing_gap=None)
     top, left = (rh - size) // 2, (rw - size) // 2
     out = np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
-    return out, Geometry(h, w, mode, rh, rw, top, left, size)
+    return out, Geometry(h, w, mode, orientation, rh, rw, top, left, size)
 
 
 def load_sample_image(sample: dict, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
                       min_side: int = DEFAULT_MIN_SIDE) -> tuple[np.ndarray, Geometry]:
     """A webdataset sample -> ((size, size, 3) uint8 image, geometry); SampleError when unusable."""
     _, data = find_image(sample)
-    rgb, mode = decode_image(data, max_pixels=max_pixels, min_side=min_side)
-    return resize_and_crop(rgb, size, mode)
+    rgb, mode, orientation = decode_image(data, max_pixels=max_pixels, min_side=min_side)
+    return resize_and_crop(rgb, size, mode, orientation)
+
+
+# -- segmentation labels ------------------------------------------------------------------------------------
+LABEL_EXTENSIONS = ("seg.png", "label.png", "labels.png", "mask.png")
+# EXIF orientation -> the PIL transpose that makes a stored-orientation array upright.
+_EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+                   5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                   8: Image.Transpose.ROTATE_90}
+
+
+def find_label(sample: dict) -> bytes | None:
+    for ext in LABEL_EXTENSIONS:
+        if ext in sample:
+            return sample[ext]
+    return None
+
+
+def decode_label(data: bytes) -> np.ndarray:
+    """A single-channel class-id PNG (8 or 16 bit, or palette indices) -> (H, W) uint16."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise SampleError(f"label is not a readable image: {exc}") from None
+    if img.mode not in ("L", "P", "I;16", "I;16B", "I;16L", "I", "1"):
+        raise SampleError(f"label image has mode {img.mode}: expected single-channel class ids (L, P or 16-bit)")
+    arr = np.asarray(img)
+    if arr.max(initial=0) > 65535 or arr.min(initial=0) < 0:
+        raise SampleError("label class ids must lie in 0..65535")
+    return arr.astype(np.uint16)
+
+
+def _nearest(arr: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """Nearest-neighbour resize sampling pixel centres (the same mapping bilinear/bicubic resizes use)."""
+    h, w = arr.shape
+    rows = np.minimum(((np.arange(out_h) + 0.5) * h / out_h).astype(np.int64), h - 1)
+    cols = np.minimum(((np.arange(out_w) + 0.5) * w / out_w).astype(np.int64), w - 1)
+    return arr[rows[:, None], cols[None, :]]
+
+
+def align_label(label: np.ndarray, geometry: Geometry, out_hw: tuple[int, int]) -> np.ndarray:
+    """A label map of the original image -> the stored features' grid: same EXIF turn, resize and crop as
+    the image (nearest neighbour), then to the feature resolution. Returns (out_h, out_w) uint16."""
+    g = geometry
+    if label.shape != (g.orig_height, g.orig_width):
+        turn = _EXIF_TRANSPOSE.get(g.exif_orientation)
+        if turn is not None:
+            label = np.asarray(Image.fromarray(label).transpose(turn))
+    if label.shape != (g.orig_height, g.orig_width):
+        raise SampleError(f"label is {label.shape[1]}x{label.shape[0]} but the image is {g.orig_width}x{g.orig_height}")
+    resized = _nearest(label, g.resized_height, g.resized_width)
+    crop = resized[g.crop_top : g.crop_top + g.crop_size, g.crop_left : g.crop_left + g.crop_size]
+    return _nearest(crop, *out_hw)

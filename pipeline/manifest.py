@@ -15,14 +15,17 @@ SCHEMA = pa.schema([
     pa.field("sample_index", pa.int32(), nullable=False),  # position of the sample in its shard
     pa.field("status", pa.string(), nullable=False),  # "ok" or "error"
     pa.field("error", pa.string()),
+    pa.field("storage", pa.string()),  # the storage preset (pipeline/presets.py)
     pa.field("features_array", pa.string()),  # Zarr array path inside the store, e.g. features/shard-000003_ab12cd34
     pa.field("lowres_array", pa.string()),
+    pa.field("labels_array", pa.string()),  # aligned segmentation labels, when the sample had (or got) one
     pa.field("index", pa.int32()),  # row of this sample in those arrays
     pa.field("feature_height", pa.int32()),
     pa.field("feature_width", pa.int32()),
     pa.field("orig_height", pa.int32()),
     pa.field("orig_width", pa.int32()),
     pa.field("orig_mode", pa.string()),
+    pa.field("exif_orientation", pa.int32()),
     pa.field("resized_height", pa.int32()),
     pa.field("resized_width", pa.int32()),
     pa.field("crop_top", pa.int32()),
@@ -30,21 +33,23 @@ SCHEMA = pa.schema([
     pa.field("crop_size", pa.int32()),
 ])
 
-_GEOMETRY_FIELDS = ("orig_height", "orig_width", "orig_mode", "resized_height", "resized_width", "crop_top",
+_GEOMETRY_FIELDS = ("orig_height", "orig_width", "orig_mode", "exif_orientation", "resized_height", "resized_width", "crop_top",
                     "crop_left", "crop_size")
 
 
-def ok_row(key: str, shard: str, source: str, sample_index: int, features_array: str, lowres_array: str | None,
-           index: int, feature_hw: tuple[int, int], geometry: Geometry) -> dict:
+def ok_row(key: str, shard: str, source: str, sample_index: int, storage: str, features_array: str,
+           lowres_array: str | None, labels_array: str | None, index: int, feature_hw: tuple[int, int],
+           geometry: Geometry) -> dict:
     return {"key": key, "shard": shard, "source": source, "sample_index": sample_index, "status": "ok",
-            "error": None, "features_array": features_array, "lowres_array": lowres_array, "index": index,
-            "feature_height": feature_hw[0], "feature_width": feature_hw[1], **geometry.as_dict()}
+            "error": None, "storage": storage, "features_array": features_array, "lowres_array": lowres_array,
+            "labels_array": labels_array, "index": index, "feature_height": feature_hw[0],
+            "feature_width": feature_hw[1], **geometry.as_dict()}
 
 
 def error_row(key: str, shard: str, source: str, sample_index: int, error: str) -> dict:
     row = {"key": key, "shard": shard, "source": source, "sample_index": sample_index, "status": "error",
-           "error": error, "features_array": None, "lowres_array": None, "index": None, "feature_height": None,
-           "feature_width": None}
+           "error": error, "storage": None, "features_array": None, "lowres_array": None, "labels_array": None,
+           "index": None, "feature_height": None, "feature_width": None}
     row.update({f: None for f in _GEOMETRY_FIELDS})
     return row
 

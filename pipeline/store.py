@@ -6,6 +6,8 @@ Layout of <output>/:
     _pipeline/job.json                 the settings this store was started with (a rerun must match them)
     _pipeline/parts/<array>.parquet    manifest rows of one shard attempt
     _pipeline/commits/<shard>.json     written LAST: the shard is done; names its arrays and part
+    labels/, image/, scale/, offset/   per-sample labels and preset-specific arrays (see pipeline/presets.py)
+    pca/, upsampler.safetensors        dataset-level parts of the pca<k> and lowres presets
     manifest.parquet, run.json         written at the end of a run from the committed shards
 
 Exactly one task writes each array (the attempt token is in its name), so zarr's whole-object rewrites
@@ -20,7 +22,7 @@ import logging
 import os
 import uuid
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -30,16 +32,22 @@ from zarr.codecs import BloscCodec
 
 from .storage import filesystem, join, protocol_of, resolve_options
 
+if TYPE_CHECKING:
+    from .presets import ArraySpec
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 PIPELINE_DIR = "_pipeline"
 FEATURES_GROUP = "features"
 LOWRES_GROUP = "lowres"
+LABELS_GROUP = "labels"
+# Groups holding one array per shard attempt.
+ARRAY_GROUPS = (FEATURES_GROUP, LOWRES_GROUP, LABELS_GROUP, "image", "scale", "offset")
+PCA_GROUP = "pca"
+UPSAMPLER_NAME = "upsampler.safetensors"
 MANIFEST_NAME = "manifest.parquet"
 RUN_NAME = "run.json"
-# numpy has no bfloat16: such arrays hold the raw bits as uint16 and say so in their attributes.
-STORED_NUMPY_DTYPE = {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}
 
 
 class OutputExistsError(RuntimeError):
@@ -50,6 +58,15 @@ def compressor() -> BloscCodec:
     return BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
 
 
+def tile_size(length: int) -> int:
+    """Inner chunk edge along one side of a (C, H, W) map: an exact quarter, third or half of it (tiles of at
+    least 16 px), so a crop reads a few tiles; small maps are one tile."""
+    for parts in (4, 3, 2):
+        if length % parts == 0 and length // parts >= 16:
+            return length // parts
+    return length
+
+
 def zarr_store(url: str, storage_options: Mapping[str, Any] | None = None, read_only: bool = False):
     """A zarr v3 store for a local path or fsspec URL."""
     if protocol_of(url) == "file":
@@ -57,22 +74,6 @@ def zarr_store(url: str, storage_options: Mapping[str, Any] | None = None, read_
         return zarr.storage.LocalStore(path, read_only=read_only)
     return zarr.storage.FsspecStore.from_url(url, storage_options=resolve_options(url, storage_options),
                                              read_only=read_only)
-
-
-def to_stored(x: np.ndarray, dtype: str) -> np.ndarray:
-    """float32 array -> the stored representation of `dtype` (bfloat16 as round-to-nearest-even uint16 bits)."""
-    if dtype != "bfloat16":
-        return x.astype(dtype, copy=False)
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounded = bits + 0x7FFF + ((bits >> 16) & 1)
-    return (rounded >> 16).astype(np.uint16)
-
-
-def from_stored(x: np.ndarray, dtype: str) -> np.ndarray:
-    """The stored representation -> a numpy float array (bfloat16 widened to float32, exactly)."""
-    if dtype != "bfloat16":
-        return x
-    return (x.astype(np.uint32) << 16).view(np.float32)
 
 
 class OutputStore:
@@ -142,8 +143,8 @@ class OutputStore:
             self.fs.rm(self.root, recursive=True)
         root = zarr.open_group(zarr_store(self.url, self.storage_options), mode="w",
                                attributes={"featup": {"format_version": FORMAT_VERSION, **dict(identity)}})
-        root.create_group(FEATURES_GROUP)
-        root.create_group(LOWRES_GROUP)
+        for group in ARRAY_GROUPS:
+            root.create_group(group)
         self.put_json(f"{PIPELINE_DIR}/job.json", job)
         return False
 
@@ -152,13 +153,24 @@ class OutputStore:
     def new_array_name(shard_id: str) -> str:
         return f"{shard_id}_{uuid.uuid4().hex[:8]}"
 
-    def create_array(self, group: str, name: str, sample_shape: tuple[int, ...], dtype: str, capacity: int,
+    def create_array(self, group: str, name: str, spec: "ArraySpec", capacity: int, fill_value: Any,
                      attributes: Mapping[str, Any]) -> zarr.Array:
-        """An (capacity, *sample_shape) array chunked one sample per chunk, owned by the caller alone."""
+        """A (capacity, *sample_shape) array owned by the caller alone.
+
+        Each sample is one storage object (a Zarr shard, so one GET reads it whole); (C, H, W) maps are split
+        inside it into spatial tiles, so a crop fetches only the tiles it covers.
+        """
         store = zarr_store(self.url_of(group, name), self.storage_options)
-        return zarr.create_array(store, shape=(capacity, *sample_shape), chunks=(1, *sample_shape),
-                                 dtype=STORED_NUMPY_DTYPE[dtype], compressors=[compressor()], fill_value=0,
-                                 attributes={"featup": {"dtype": dtype, **dict(attributes)}}, overwrite=True)
+        shape = (capacity, *spec.sample_shape)
+        per_sample = (1, *spec.sample_shape)
+        if spec.spatial and len(spec.sample_shape) >= 2:
+            h, w = spec.sample_shape[-2:]
+            chunks, shards = (1, *spec.sample_shape[:-2], tile_size(h), tile_size(w)), per_sample
+        else:
+            chunks, shards = per_sample, None
+        return zarr.create_array(store, shape=shape, chunks=chunks, shards=shards, dtype=spec.dtype,
+                                 compressors=[compressor()], fill_value=fill_value,
+                                 attributes={"featup": dict(attributes)}, overwrite=True)
 
     def open_array(self, array_path: str) -> zarr.Array:
         return zarr.open_array(zarr_store(self.url_of(array_path), self.storage_options, read_only=True), mode="r")
@@ -194,23 +206,37 @@ class OutputStore:
                 log.warning("ignoring an unreadable commit record %s (the shard will be redone)", path)
         return out
 
+    # -- dataset-level artefacts -------------------------------------------------------------------------------
+    def write_pca(self, mean: np.ndarray, components: np.ndarray, explained: float, fitted_on: int) -> None:
+        """The dataset's projection for the pca<k> preset, as plain Zarr arrays under pca/."""
+        group = zarr.open_group(zarr_store(self.url_of(PCA_GROUP), self.storage_options), mode="w",
+                                attributes={"featup": {"explained_variance": explained, "fitted_on_pixels": fitted_on}})
+        group.create_array("mean", data=np.asarray(mean, np.float32))
+        group.create_array("components", data=np.asarray(components, np.float32))
+
+    def read_pca(self) -> tuple[np.ndarray, np.ndarray] | None:
+        if not self.exists(f"{PCA_GROUP}/zarr.json"):
+            return None
+        group = zarr.open_group(zarr_store(self.url_of(PCA_GROUP), self.storage_options, read_only=True), mode="r")
+        return np.asarray(group["mean"][:]), np.asarray(group["components"][:])
+
     # -- end of run ------------------------------------------------------------------------------------------
     def write_manifest(self, table: pa.Table) -> None:
         buf = io.BytesIO()
         pq.write_table(table, buf)
         self.put_bytes(MANIFEST_NAME, buf.getvalue())
 
-    def remove_unreferenced(self, keep_arrays: Iterable[str], keep_parts: Iterable[str]) -> int:
-        """Deletes arrays and parts of failed or superseded attempts; returns how many were removed."""
-        keep_arrays, keep_parts = set(keep_arrays), set(keep_parts)
+    def remove_unreferenced(self, keep_names: Iterable[str], keep_parts: Iterable[str]) -> int:
+        """Deletes arrays and parts of failed or superseded attempts (any group); returns how many went."""
+        keep_names, keep_parts = set(keep_names), set(keep_parts)
         removed = 0
-        for group in (FEATURES_GROUP, LOWRES_GROUP):
+        for group in ARRAY_GROUPS:
             folder = self.path(group)
             if not self.fs.exists(folder):
                 continue
             for path in self.fs.ls(folder, detail=False):
                 name = path.rstrip("/").rsplit("/", 1)[-1]
-                if name != "zarr.json" and f"{group}/{name}" not in keep_arrays:
+                if name != "zarr.json" and name not in keep_names:
                     self.fs.rm(path, recursive=True)
                     removed += 1
         parts = self.path(PIPELINE_DIR, "parts")

@@ -21,13 +21,15 @@ import torch
 
 from . import manifest
 from .config import JobConfig
-from .images import Geometry, SampleError, load_sample_image
+from .images import Geometry, SampleError, align_label, decode_label, find_label, load_sample_image
+from .presets import ArraySpec, Preset, fit_pca, pca_components
 from .shards import Shard, TruncatedShardError, iter_samples
-from .store import FEATURES_GROUP, LOWRES_GROUP, OutputStore
+from .store import FEATURES_GROUP, LABELS_GROUP, LOWRES_GROUP, OutputStore
 
 log = logging.getLogger(__name__)
 
-TORCH_STORED_DTYPE = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+COMPUTE_DTYPE = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+IGNORE_LABEL = 255  # label value of pixels without a class (COCO-Stuff convention)
 _END = object()
 
 
@@ -63,14 +65,16 @@ class _Decoded:
     key: str
     image: np.ndarray | None = None
     geometry: Geometry | None = None
+    label: np.ndarray | None = None
     error: str | None = None
 
 
 class _Stream:
     """Reader thread + ordered decode pool: yields _Decoded items in shard order, `prefetch` ahead."""
 
-    def __init__(self, url: str, config: JobConfig, pool: ThreadPoolExecutor, prefetch: int):
-        self.url, self.config, self.pool, self.prefetch = url, config, pool, prefetch
+    def __init__(self, url: str, config: JobConfig, pool: ThreadPoolExecutor, prefetch: int,
+                 label_hw: tuple[int, int] | None):
+        self.url, self.config, self.pool, self.prefetch, self.label_hw = url, config, pool, prefetch, label_hw
         self.samples: queue.Queue = queue.Queue(maxsize=prefetch)
         self.stop = threading.Event()
         self.truncation: TruncatedShardError | None = None
@@ -97,7 +101,10 @@ class _Stream:
         try:
             image, geometry = load_sample_image(sample, self.config.image_size, self.config.max_pixels,
                                                 self.config.min_side)
-            return _Decoded(index, key, image, geometry)
+            label = None
+            if self.label_hw is not None and (data := find_label(sample)) is not None:
+                label = align_label(decode_label(data), geometry, self.label_hw)
+            return _Decoded(index, key, image, geometry, label)
         except SampleError as exc:
             return _Decoded(index, key, error=str(exc))
 
@@ -128,10 +135,10 @@ class _Stream:
 class _Writer:
     """The only writer of one shard attempt's arrays; runs in its own thread behind a small queue."""
 
-    def __init__(self, store: OutputStore, name: str, config: JobConfig, hr_shape: tuple, lr_shape: tuple,
-                 capacity: int, source: str):
-        self.store, self.name, self.config = store, name, config
-        self.hr_shape, self.lr_shape, self.capacity, self.source = hr_shape, lr_shape, max(capacity, 1), source
+    def __init__(self, store: OutputStore, name: str, specs: list[ArraySpec], capacity: int, source: str,
+                 preset: str):
+        self.store, self.name, self.specs, self.source, self.preset = store, name, specs, source, preset
+        self.capacity = max(capacity, 1)
         self.jobs: queue.Queue = queue.Queue(maxsize=2)
         self.rows = 0
         self.failure: BaseException | None = None
@@ -149,22 +156,19 @@ class _Writer:
 
     def _run(self) -> None:
         try:
-            attrs = {"shard": self.source}
-            self.arrays[FEATURES_GROUP] = self.store.create_array(FEATURES_GROUP, self.name, self.hr_shape,
-                                                                  self.config.dtype, self.capacity, attrs)
-            if self.config.store_lowres:
-                self.arrays[LOWRES_GROUP] = self.store.create_array(LOWRES_GROUP, self.name, self.lr_shape,
-                                                                    self.config.dtype, self.capacity, attrs)
+            for spec in self.specs:
+                fill = IGNORE_LABEL if spec.group == LABELS_GROUP else 0
+                self.arrays[spec.group] = self.store.create_array(
+                    spec.group, self.name, spec, self.capacity, fill,
+                    {"shard": self.source, "storage": self.preset, "role": spec.group})
             while True:
                 job = self.jobs.get()
                 if job is _END:
                     return
-                hr, lr = job
-                n = hr.shape[0]
+                n = len(next(iter(job.values())))
                 self._ensure_capacity(self.rows + n)
-                self.arrays[FEATURES_GROUP][self.rows : self.rows + n] = hr
-                if LOWRES_GROUP in self.arrays:
-                    self.arrays[LOWRES_GROUP][self.rows : self.rows + n] = lr
+                for group, data in job.items():
+                    self.arrays[group][self.rows : self.rows + n] = data
                 self.rows += n
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             self.failure = exc
@@ -172,10 +176,10 @@ class _Writer:
                 if self.jobs.get() is _END:
                     return
 
-    def put(self, hr: np.ndarray, lr: np.ndarray) -> None:
+    def put(self, batch: dict[str, np.ndarray]) -> None:
         if self.failure is not None:
             raise self.failure
-        self.jobs.put((hr, lr))
+        self.jobs.put(batch)
 
     def finish(self, keys: list[str]) -> None:
         """Waits for pending writes, trims the arrays to the rows written and records their keys."""
@@ -193,48 +197,117 @@ class _Writer:
         self.thread.join(timeout=60)
 
 
+def build_model(config: JobConfig):
+    """The job's FeatureModel (backbone + upsampler), exactly as every worker builds it."""
+    from featup_ops import FeatureModel
+
+    return FeatureModel.create(
+        config.backbone, config.upsampler, backbone_weights=config.backbone_weights,
+        upsampler_weights=config.upsampler_weights, random_init=config.random_init,
+        storage_options=config.storage_options, upsampler_options=config.upsampler_options,
+        backbone_options=config.backbone_options)
+
+
 class ShardProcessor:
     """Loads the model once; `process(task)` turns one shard into a committed set of arrays and rows."""
 
     def __init__(self, config: JobConfig, device: str | None = None, torch_threads: int | None = None):
-        from featup_ops import FeatureModel
-
         if torch_threads:
             torch.set_num_threads(max(1, int(torch_threads)))
         self.config = config
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.compute_dtype = TORCH_STORED_DTYPE[config.dtype] if self.device.type == "cuda" else torch.float32
-        self.model = FeatureModel.create(
-            config.backbone, config.upsampler, backbone_weights=config.backbone_weights,
-            upsampler_weights=config.upsampler_weights, random_init=config.random_init,
-            storage_options=config.storage_options, upsampler_options=config.upsampler_options,
-        ).to(self.device).eval()
+        self.compute_dtype = COMPUTE_DTYPE[config.dtype] if self.device.type == "cuda" else torch.float32
+        self.model = build_model(config).to(self.device).eval()
         self.store = OutputStore(config.output, config.storage_options)
         size = config.image_size
         self.hr_hw = self.model.output_size(size, size)
         self.lr_hw = self.model.lowres_size(size, size)
+        self._preset: Preset | None = None
         self.pool = ThreadPoolExecutor(max_workers=config.decode_threads, thread_name_prefix="decode")
         self.status = {"shard": None, "samples": 0}
-        self._warm_up()
+        self._compute(np.zeros((1, size, size, 3), dtype=np.uint8))  # builds/loads the fused kernels now
 
-    def _warm_up(self) -> None:
-        """One tiny batch through the model: builds/loads the fused kernels before the first shard."""
-        size = self.config.image_size
-        self._compute(np.zeros((1, size, size, 3), dtype=np.uint8))
+    @property
+    def preset(self) -> Preset:
+        """The storage preset; a pca<k> projection is read from the store on first use (the driver fits it)."""
+        if self._preset is None:
+            name = self.config.storage_preset
+            pca = self.store.read_pca() if pca_components(name) is not None else None
+            self._preset = Preset(name, self.model.dim, self.hr_hw, self.lr_hw, self.config.image_size, pca)
+        return self._preset
 
-    def _compute(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _specs(self) -> list[ArraySpec]:
+        specs = list(self.preset.arrays())
+        if self.config.store_lowres or self.preset.needs_upsampler_at_read:
+            specs.append(ArraySpec(LOWRES_GROUP, (self.model.dim, *self.lr_hw), self.preset.lowres_dtype()))
+        if self.config.labels != "none":
+            specs.append(ArraySpec(LABELS_GROUP, self.hr_hw, "uint16"))
+        return specs
+
+    def _compute(self, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """uint8 (B,H,W,3) -> (low-res, high-res features, ImageNet-normalised images) on the device."""
         x = torch.from_numpy(images).to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
         lowres, highres = self.model(x, compute_dtype=self.compute_dtype)
-        stored = TORCH_STORED_DTYPE[self.config.dtype]
+        return lowres, highres, self.model.guidance(x)
 
-        def to_numpy(t: torch.Tensor) -> np.ndarray:
-            t = t.to(stored)
-            if stored == torch.bfloat16:
-                t = t.view(torch.int16)  # raw bits; stored as uint16 (numpy has no bfloat16)
-            out = t.cpu().numpy()
-            return out.view(np.uint16) if stored == torch.bfloat16 else out
+    def _encode(self, images: np.ndarray, items: list[_Decoded]) -> tuple[dict[str, np.ndarray], list[bool]]:
+        """A batch -> arrays by group, and whether each sample has a label."""
+        lowres, highres, guidance = self._compute(images)
+        out = self.preset.encode(highres, images)
+        if LOWRES_GROUP in {s.group for s in self._specs()}:
+            out[LOWRES_GROUP] = lowres.to(getattr(torch, self.preset.lowres_dtype())).cpu().numpy()
+        has_label = [False] * len(items)
+        if self.config.labels == "oracle":
+            from featup_ops.oracle import oracle_labels
 
-        return to_numpy(highres), to_numpy(lowres)
+            out[LABELS_GROUP] = oracle_labels(guidance.float(), self.hr_hw).to(torch.int32).cpu().numpy().astype(np.uint16)
+            has_label = [True] * len(items)
+        elif self.config.labels == "auto":
+            labels = np.full((len(items), *self.hr_hw), IGNORE_LABEL, np.uint16)
+            for i, item in enumerate(items):
+                if item.label is not None:
+                    labels[i], has_label[i] = item.label, True
+            out[LABELS_GROUP] = labels
+        return out, has_label
+
+    def fit_pca(self, shards: list[Shard], images: int, k: int, pixels_per_image: int = 4096, seed: int = 0
+                ) -> tuple[np.ndarray, np.ndarray, float, int]:
+        """Fits the pca<k> projection on random pixels of the high-res features of the first `images`
+        decodable images of `shards`; returns (mean, components, explained variance, pixels used)."""
+        rng = torch.Generator().manual_seed(seed)
+        picked: list[torch.Tensor] = []
+        seen = 0
+
+        def take(batch: list[np.ndarray]) -> None:
+            hr = self._compute(np.stack(batch))[1].float().cpu()
+            flat = hr.permute(0, 2, 3, 1).reshape(-1, hr.shape[1])
+            picked.append(flat[torch.randint(len(flat), (pixels_per_image * len(batch),), generator=rng)])
+
+        for shard in shards:
+            stream = _Stream(shard.url, self.config, self.pool, prefetch=self.config.batch_size, label_hw=None)
+            batch: list[np.ndarray] = []
+            try:
+                for item in stream.items():
+                    if item.error is not None:
+                        continue
+                    batch.append(item.image)
+                    if len(batch) == self.config.batch_size or seen + len(batch) >= images:
+                        take(batch)
+                        seen, batch = seen + len(batch), []
+                        if seen >= images:
+                            break
+                if batch:
+                    take(batch)
+                    seen += len(batch)
+            finally:
+                stream.close()
+            if seen >= images:
+                break
+        if not picked:
+            raise RuntimeError("no decodable image to fit the PCA projection on")
+        samples = torch.cat(picked)
+        mean, components, explained = fit_pca(samples, k)
+        return mean, components, explained, len(samples)
 
     def process(self, task: ShardTask, should_stop: Callable[[], bool] | None = None) -> ShardResult:
         """Streams, computes and writes one shard, then commits it. `should_stop` is polled per sample:
@@ -243,11 +316,14 @@ class ShardProcessor:
         t0 = time.perf_counter()
         result = ShardResult(shard.shard_id, shard.url)
         name = OutputStore.new_array_name(shard.shard_id)
-        features_path = f"{FEATURES_GROUP}/{name}"
-        lowres_path = f"{LOWRES_GROUP}/{name}" if cfg.store_lowres else None
-        writer = _Writer(self.store, name, cfg, (self.model.dim, *self.hr_hw), (self.model.dim, *self.lr_hw),
-                         shard.expected_samples or 64, shard.url)
-        stream = _Stream(shard.url, cfg, self.pool, prefetch=2 * cfg.batch_size + cfg.decode_threads)
+        specs = self._specs()
+        groups = {s.group for s in specs}
+        path = {g: (f"{g}/{name}" if g in groups else None) for g in (FEATURES_GROUP, LOWRES_GROUP, LABELS_GROUP)}
+        if self.preset.needs_upsampler_at_read:
+            path[FEATURES_GROUP] = f"image/{name}"  # what the reader starts from
+        writer = _Writer(self.store, name, specs, shard.expected_samples or 64, shard.url, self.preset.name)
+        stream = _Stream(shard.url, cfg, self.pool, prefetch=2 * cfg.batch_size + cfg.decode_threads,
+                         label_hw=self.hr_hw if cfg.labels == "auto" else None)
         rows: list[dict] = []
         keys: list[str] = []
         batch: list[_Decoded] = []
@@ -257,19 +333,20 @@ class ShardProcessor:
             if not batch:
                 return
             t = time.perf_counter()
-            hr, lr = self._compute(np.stack([b.image for b in batch]))
+            arrays, has_label = self._encode(np.stack([b.image for b in batch]), batch)
             result.compute_seconds += time.perf_counter() - t
-            writer.put(hr, lr)
-            result.bytes_written += hr.nbytes + lr.nbytes
-            for item in batch:
-                rows.append(manifest.ok_row(item.key, shard.shard_id, shard.url, item.sample_index, features_path,
-                                            lowres_path, len(keys), self.hr_hw, item.geometry))
+            writer.put(arrays)
+            result.bytes_written += sum(a.nbytes for a in arrays.values())
+            for item, labelled in zip(batch, has_label):
+                rows.append(manifest.ok_row(item.key, shard.shard_id, shard.url, item.sample_index, self.preset.name,
+                                            path[FEATURES_GROUP], path[LOWRES_GROUP],
+                                            path[LABELS_GROUP] if labelled else None, len(keys), self.hr_hw,
+                                            item.geometry))
                 keys.append(item.key)
             batch.clear()
 
         try:
-            items = stream.items()
-            for item in items:
+            for item in stream.items():
                 if task.max_samples is not None and result.samples_read >= task.max_samples:
                     result.complete = False
                     break
@@ -307,7 +384,8 @@ class ShardProcessor:
         result.seconds = time.perf_counter() - t0
         result.commit = {
             "shard_id": shard.shard_id, "url": shard.url, "attempt": task.attempt, "complete": result.complete,
-            "features_array": features_path, "lowres_array": lowres_path, "part": part,
+            "array_name": name, "groups": sorted(groups), "features_array": path[FEATURES_GROUP],
+            "lowres_array": path[LOWRES_GROUP], "part": part,
             "samples_read": result.samples_read, "ok": result.ok, "errors": result.errors,
             "expected_samples": shard.expected_samples, "shard_error": result.shard_error,
             "seconds": round(result.seconds, 3), "compute_seconds": round(result.compute_seconds, 3),

@@ -50,8 +50,11 @@ def s3_endpoint():
     The endpoint and credentials go into the environment, as a user would set them; Ray workers inherit
     them through the job's runtime_env.
     """
+    import logging
+
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()

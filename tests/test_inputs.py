@@ -133,7 +133,8 @@ def test_bad_image_corpus():
 def test_exif_orientation_is_applied():
     from .corpus import exif_rotated_jpeg
 
-    rgb, _ = decode_image(exif_rotated_jpeg())
+    rgb, _, orientation = decode_image(exif_rotated_jpeg())
+    assert orientation == 6
     assert rgb.shape[:2] == (300, 200)  # upright: 300 tall, 200 wide
     from pipeline.demo import photo
 
@@ -145,7 +146,7 @@ def test_sixteen_bit_is_rescaled_not_clipped():
     from .corpus import sixteen_bit_png
     from pipeline.demo import photo
 
-    rgb, mode = decode_image(sixteen_bit_png())
+    rgb, mode, _ = decode_image(sixteen_bit_png())
     assert mode.startswith("I")
     np.testing.assert_allclose(rgb[..., 0].astype(float), photo("camera").astype(float), atol=1)
 
@@ -158,7 +159,7 @@ def test_alpha_is_composited_on_white():
     rgba[..., 0] = 255  # red, fully transparent
     buf = io.BytesIO()
     Image.fromarray(rgba, "RGBA").save(buf, format="PNG")
-    rgb, _ = decode_image(buf.getvalue())
+    rgb, _, _ = decode_image(buf.getvalue())
     assert (rgb == 255).all()
 
 

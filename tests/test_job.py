@@ -76,7 +76,8 @@ def test_full_job_local(ray_local, photo_shards, tmp_path):
     arrays = list(root["features"].array_keys())
     assert len(arrays) == 3
     arr = root["features"][arrays[0]]
-    assert arr.chunks == (1, 32, SIZE, SIZE) and arr.shape[0] == 3
+    # one storage object per sample, tiled inside for cheap crops
+    assert arr.shards == (1, 32, SIZE, SIZE) and arr.chunks == (1, 32, SIZE // 4, SIZE // 4) and arr.shape[0] == 3
     assert arr.attrs["featup"]["keys"] and arr.compressors
 
     # rerunning the same command resumes: nothing is redone, nothing changes
@@ -104,7 +105,7 @@ def test_cli_limit_dtype_and_torch_dataset(ray_local, photo_shards, tmp_path):
                              "--batch-size", "3", "--no-lowres"])
     assert rc == 0
     cache = FeatureCache(str(out))
-    assert len(cache) == 4 and cache.dtype == "bfloat16"
+    assert len(cache) == 4 and cache.storage == "bfloat16"
     x = cache[0]
     assert x.dtype == np.float32 and x.shape == (32, 32, 32)
     assert np.all((x.view(np.uint32) & 0xFFFF) == 0)  # exactly representable in bfloat16

@@ -1,0 +1,156 @@
+"""Storage presets: how high-res features are stored, and how a reader gets them back.
+
+    float16 / bfloat16 / float32   the features themselves (bfloat16 as raw uint16 bits)
+    int8                           per-sample per-channel affine 8-bit codes: x ~ q * scale + offset, |err| <= scale/2
+    pca<k>                         k principal-component coefficients (float16); one projection for the dataset,
+                                   fitted on a sample of it and stored once; x ~ mean + components^T c
+    lowres                         the backbone's low-res features (float32) and the cropped image (uint8); the
+                                   reader re-runs the upsampler with the fused op and gets the eager features
+
+Every preset stores arrays in Zarr groups named by role (features, scale, offset, image, lowres) with one
+array per shard attempt; `decode` turns what a reader fetched back into (C, H, W) features.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+FLOAT_PRESETS = ("float16", "bfloat16", "float32")
+NAMED_PRESETS = (*FLOAT_PRESETS, "int8", "lowres")
+PCA_PATTERN = re.compile(r"^pca(\d+)$")
+
+
+class PresetError(ValueError):
+    """An unknown or unusable storage preset."""
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One per-sample array a preset writes: its group, per-sample shape and stored numpy dtype."""
+
+    group: str
+    sample_shape: tuple[int, ...]
+    dtype: str
+    spatial: bool = True  # (C, H, W) maps are tiled for cheap crops; vectors are not
+
+
+def validate(name: str) -> str:
+    if name in NAMED_PRESETS or PCA_PATTERN.match(name):
+        return name
+    raise PresetError(f"unknown storage preset {name!r}: use float16, bfloat16, float32, int8, pca<k> (e.g. pca64) "
+                      "or lowres")
+
+
+def pca_components(name: str) -> int | None:
+    m = PCA_PATTERN.match(name)
+    return int(m.group(1)) if m else None
+
+
+def to_bfloat16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits as uint16, rounding to nearest even (what torch does)."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def from_bfloat16_bits(x: np.ndarray) -> np.ndarray:
+    return (x.astype(np.uint32) << 16).view(np.float32)
+
+
+class Preset:
+    """Encoder/decoder pair for one storage preset (see module docstring)."""
+
+    def __init__(self, name: str, dim: int, hr_hw: tuple[int, int], lr_hw: tuple[int, int], image_size: int,
+                 pca: tuple[np.ndarray, np.ndarray] | None = None):
+        self.name = validate(name)
+        self.dim, self.hr_hw, self.lr_hw, self.image_size = dim, tuple(hr_hw), tuple(lr_hw), image_size
+        self.k = pca_components(name)
+        if self.k is not None:
+            if not 1 <= self.k <= dim:
+                raise PresetError(f"{name}: k must be between 1 and the feature width {dim}")
+            if pca is None:
+                raise PresetError(f"{name} needs a fitted projection (mean, components)")
+            self.mean = np.asarray(pca[0], np.float32)
+            self.components = np.asarray(pca[1], np.float32)
+            if self.components.shape != (self.k, dim) or self.mean.shape != (dim,):
+                raise PresetError(f"{name}: projection shapes {self.mean.shape}, {self.components.shape} do not fit "
+                                  f"k={self.k}, dim={dim}")
+
+    @property
+    def needs_upsampler_at_read(self) -> bool:
+        return self.name == "lowres"
+
+    def arrays(self) -> list[ArraySpec]:
+        """The per-sample arrays this preset writes (low-res features and labels are added by the writer)."""
+        C, (H, W) = self.dim, self.hr_hw
+        if self.name in FLOAT_PRESETS:
+            return [ArraySpec("features", (C, H, W), "uint16" if self.name == "bfloat16" else self.name)]
+        if self.name == "int8":
+            return [ArraySpec("features", (C, H, W), "uint8"), ArraySpec("scale", (C,), "float32", False),
+                    ArraySpec("offset", (C,), "float32", False)]
+        if self.k is not None:
+            return [ArraySpec("features", (self.k, H, W), "float16")]
+        s = self.image_size
+        return [ArraySpec("image", (3, s, s), "uint8")]  # lowres: the low-res features are always stored too
+
+    def lowres_dtype(self) -> str:
+        return "float32" if self.name in ("lowres", "float32") else "float16"
+
+    # -- writing ---------------------------------------------------------------------------------------------
+    def encode(self, highres: torch.Tensor, images: np.ndarray) -> dict[str, np.ndarray]:
+        """A batch of high-res features (B,C,H,W, any float dtype/device) -> arrays to store, by group."""
+        if self.name == "lowres":
+            return {"image": np.ascontiguousarray(images.transpose(0, 3, 1, 2))}
+        x = highres.float()
+        if self.name in ("float16", "float32"):
+            return {"features": x.to(getattr(torch, self.name)).cpu().numpy()}
+        if self.name == "bfloat16":
+            return {"features": x.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)}
+        if self.name == "int8":
+            lo = x.amin(dim=(2, 3))
+            hi = x.amax(dim=(2, 3))
+            scale = ((hi - lo) / 255).clamp_min(1e-12)
+            q = ((x - lo[..., None, None]) / scale[..., None, None]).round_().clamp_(0, 255).to(torch.uint8)
+            return {"features": q.cpu().numpy(), "scale": scale.cpu().numpy(), "offset": lo.cpu().numpy()}
+        comps = torch.from_numpy(self.components).to(x.device)
+        mean = torch.from_numpy(self.mean).to(x.device)
+        coeffs = torch.einsum("kc,bchw->bkhw", comps, x - mean[None, :, None, None])
+        return {"features": coeffs.to(torch.float16).cpu().numpy()}
+
+    # -- reading ---------------------------------------------------------------------------------------------
+    def decode(self, parts: dict[str, np.ndarray]) -> np.ndarray:
+        """What a reader fetched for one sample (by group) -> features (C, h, w) as float (lowres: see reader)."""
+        if self.name in ("float16", "float32"):
+            return parts["features"]
+        if self.name == "bfloat16":
+            return from_bfloat16_bits(parts["features"])
+        if self.name == "int8":
+            q = parts["features"].astype(np.float32)
+            return q * parts["scale"][:, None, None] + parts["offset"][:, None, None]
+        if self.k is not None:
+            return np.einsum("kc,khw->chw", self.components, parts["features"].astype(np.float32),
+                             optimize=True) + self.mean[:, None, None]
+        raise PresetError("lowres features are decoded by re-running the upsampler (FeatureCache does this)")
+
+def error_bound(name: str) -> str:
+    """The documented error of a preset's round trip, per element."""
+    return {"float16": "relative 2^-11 (float16 rounding)", "bfloat16": "relative 2^-8 (bfloat16 rounding)",
+            "float32": "exact", "int8": "absolute <= scale/2, scale = (max-min)/255 per sample and channel",
+            "lowres": "float16 precision of the eager features (same inputs, same fused kernels)"}.get(
+        name, "the variance outside the top-k principal components (see the fit's explained variance)")
+
+
+def fit_pca(samples: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """(mean (C,), components (k, C), explained variance fraction) from feature vectors (N, C)."""
+    x = samples.double()
+    mean = x.mean(0)
+    centered = x - mean
+    cov = centered.T @ centered / max(len(x) - 1, 1)
+    evals, evecs = torch.linalg.eigh(cov)
+    order = torch.argsort(evals, descending=True)
+    evals, evecs = evals[order], evecs[:, order]
+    explained = float(evals[:k].sum() / evals.sum().clamp_min(1e-30))
+    return mean.float().numpy(), evecs[:, :k].T.contiguous().float().numpy(), explained

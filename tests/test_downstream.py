@@ -1,0 +1,306 @@
+"""Downstream use of a cache: aligned labels, storage presets, the probe job, previews, training readers."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.coco import rasterize, rle_counts_from_string, rle_decode
+from pipeline.config import ConfigError
+from pipeline.dataset import FeatureCache, LabelledFeatures, split_keys
+from pipeline.demo import photo_samples
+from pipeline.driver import run_job
+from pipeline.shard_writer import write_shards
+
+from .test_job import job_config
+
+
+def _png(arr: np.ndarray, mode: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# -- labels -----------------------------------------------------------------------------------------------------
+def _two_halves(width: int, height: int, split: int) -> tuple[bytes, bytes]:
+    """A red | blue image and its label map (1 | 2), the border at column `split`."""
+    img = np.zeros((height, width, 3), np.uint8)
+    img[:, :split] = (220, 30, 30)
+    img[:, split:] = (30, 30, 220)
+    label = np.where(np.arange(width)[None, :] < split, 1, 2).repeat(height, 0).astype(np.uint8)
+    return _png(img), _png(label, "L")
+
+
+def test_labels_stay_aligned_with_features(ray_local, tmp_path):
+    image, label = _two_halves(500, 300, 260)
+    # stored sideways with EXIF orientation 6; its label is in the upright orientation
+    upright = np.zeros((300, 200, 3), np.uint8)
+    upright[:100] = (220, 30, 30)
+    upright[100:] = (30, 30, 220)
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    stored.save(buf, format="JPEG", quality=95, exif=exif.tobytes())
+    rot_label = np.where(np.arange(300)[:, None] < 100, 1, 2).repeat(200, 1).astype(np.uint8)
+    samples = [{"__key__": "halves", "png": image, "seg.png": label},
+               {"__key__": "turned", "jpg": buf.getvalue(), "seg.png": _png(rot_label, "L")},
+               {"__key__": "unlabelled", "png": image}]
+    write_shards(samples, str(tmp_path / "s"), prefix="lab")
+    out = tmp_path / "feats.zarr"
+    run_job(job_config([f"{tmp_path}/s/lab-000000.tar"], out, upsampler="truth", random_init=False))
+    cache = FeatureCache(str(out))
+    # halves: resized 64 x 107 (w), crop left 21; the border at 260 * 64/300 = 55.5 -> crop column 34.5
+    lab = cache.labels("halves")
+    assert lab.shape == (64, 64) and lab.dtype == np.uint16
+    assert (lab[:, :34] == 1).all() and (lab[:, 35:] == 2).all()
+    feats = cache["halves"].astype(np.float32)
+    jumps = np.abs(np.diff(feats, axis=2)).sum(axis=(0, 1))  # where the features change, column-wise
+    assert abs(int(np.argmax(jumps)) + 1 - 35) <= 1
+    # turned: upright 200 x 300 -> resized 64 x 96, crop top 16; border at row 100 * 64/200 = 32 -> crop row 16
+    lab = cache.labels("turned")
+    assert (lab[:16] == 1).all() and (lab[16:] == 2).all()
+    assert cache.labels("unlabelled") is None
+    row = cache.row("halves")
+    assert row["labels_array"].startswith("labels/") and cache.row("unlabelled")["labels_array"] is None
+
+
+def test_label_of_the_wrong_size_is_a_sample_error(ray_local, tmp_path):
+    image, _ = _two_halves(120, 80, 60)
+    write_shards([{"__key__": "bad", "png": image, "seg.png": _png(np.zeros((10, 10), np.uint8), "L")}],
+                 str(tmp_path / "s"), prefix="x")
+    summary = run_job(job_config([f"{tmp_path}/s/x-000000.tar"], tmp_path / "o.zarr", upsampler="bilinear",
+                                 random_init=False))
+    assert summary.errors == 1
+    assert "label is 10x10 but the image is 120x80" in FeatureCache(str(tmp_path / "o.zarr")).errors()["error"][0].as_py()
+
+
+def _rle_encode(counts: list[int]) -> str:
+    """COCO's compressed RLE string, written from the format description (independent of the decoder)."""
+    out = []
+    for i, x in enumerate(counts):
+        if i > 2:
+            x -= counts[i - 2]
+        more = True
+        while more:
+            c = x & 0x1F
+            x >>= 5
+            more = (x != -1) if c & 0x10 else (x != 0)
+            if more:
+                c |= 0x20
+            out.append(chr(c + 48))
+    return "".join(out)
+
+
+def test_coco_rle_and_polygon_rasterisation():
+    rng = np.random.default_rng(0)
+    mask = rng.random((23, 17)) < 0.3
+    flat = mask.T.flatten()  # column-major
+    counts, value, run = [], False, 0
+    for bit in flat:
+        if bit != value:
+            counts.append(run)
+            value, run = bit, 0
+        run += 1
+    counts.append(run)
+    assert rle_counts_from_string(_rle_encode(counts)) == counts
+    np.testing.assert_array_equal(rle_decode({"size": [23, 17], "counts": _rle_encode(counts)}), mask)
+    np.testing.assert_array_equal(rle_decode({"size": [23, 17], "counts": counts}), mask)
+    anns = [{"category_id": 5, "area": 400, "segmentation": [[2, 2, 18, 2, 18, 18, 2, 18]]},
+            {"category_id": 9, "area": 16, "segmentation": [[6, 6, 10, 6, 10, 10, 6, 10]]},
+            {"category_id": 1, "area": 50, "iscrowd": 1,
+             "segmentation": {"size": [23, 17], "counts": _rle_encode(counts)}}]
+    label = rasterize(anns, 23, 17)
+    assert label[8, 8] in (9, 255) and label[0, 0] in (0, 255) and label[4, 15] in (5, 255)
+    assert (label[mask] == 255).all() and label[~mask].max() == 9
+
+
+def test_make_shards_writes_labels(tmp_path):
+    import make_shards
+
+    from pipeline.demo import photo
+    from pipeline.shards import iter_samples
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    Image.fromarray(photo("coffee")).save(images / "000000000285.jpg")
+    coco = {"images": [{"id": 285, "file_name": "000000000285.jpg", "height": 400, "width": 600}],
+            "annotations": [{"id": 1, "image_id": 285, "category_id": 47, "area": 2500, "iscrowd": 0,
+                             "bbox": [100, 100, 50, 50], "segmentation": [[100, 100, 150, 100, 150, 150, 100, 150]]}],
+            "categories": [{"id": 47, "name": "cup"}]}
+    (tmp_path / "ann.json").write_text(json.dumps(coco))
+    assert make_shards.main(["--images", str(images), "--annotations", str(tmp_path / "ann.json"),
+                             "--output", str(tmp_path / "a")]) == 0
+    seg = np.asarray(Image.open(io.BytesIO(next(iter_samples(str(tmp_path / "a/shard-000000.tar")))["seg.png"])))
+    assert seg.shape == (400, 600) and seg[125, 125] == 47 and seg[10, 10] == 0
+    stuff = tmp_path / "stuff"
+    stuff.mkdir()
+    Image.fromarray(np.full((400, 600), 7, np.uint8)).save(stuff / "000000000285.png")
+    assert make_shards.main(["--images", str(images), "--labels", str(stuff), "--output", str(tmp_path / "b")]) == 0
+    seg = np.asarray(Image.open(io.BytesIO(next(iter_samples(str(tmp_path / "b/shard-000000.tar")))["seg.png"])))
+    assert (seg == 7).all()
+    assert make_shards.main(["--images", str(images), "--oracle-labels", "--output", str(tmp_path / "c")]) == 0
+    seg = np.asarray(Image.open(io.BytesIO(next(iter_samples(str(tmp_path / "c/shard-000000.tar")))["seg.png"])))
+    assert seg.shape == (400, 600) and seg.max() < 8 and len(np.unique(seg)) >= 3
+
+
+# -- storage presets ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def preset_caches(ray_local, photo_shards, tmp_path_factory) -> dict[str, FeatureCache]:
+    root = tmp_path_factory.mktemp("presets")
+    caches = {}
+    for preset in ("float32", "float16", "bfloat16", "int8", "pca6", "lowres"):
+        out = root / f"{preset}.zarr"
+        run_job(job_config([f"{photo_shards}/photos-*.tar"], out, storage=preset, labels="oracle", pca_samples=4))
+        caches[preset] = FeatureCache(str(out))
+    return caches
+
+
+def _stack(cache: FeatureCache) -> np.ndarray:
+    return np.stack([np.asarray(cache[k], np.float32) for k in sorted(cache.keys())])
+
+
+@pytest.mark.parametrize("preset", ["float16", "bfloat16", "int8", "pca6", "lowres"])
+def test_presets_round_trip_within_their_bound(preset_caches, preset):
+    ref = _stack(preset_caches["float32"])
+    cache = preset_caches[preset]
+    got = _stack(cache)
+    assert got.shape == ref.shape
+    err = np.abs(got - ref)
+    if preset == "float16":
+        assert (err <= 2.0**-11 * np.abs(ref) + 6e-8).all()
+    elif preset in ("bfloat16",):
+        assert (err <= 2.0**-8 * np.abs(ref) + 1e-30).all()
+    elif preset == "lowres":  # the replayed upsampler gives the eager features to float16 precision
+        assert (err <= 2.0**-11 * np.abs(ref) + 1e-6).all()
+    elif preset == "int8":
+        keys = sorted(cache.keys())
+        for i, key in enumerate(keys):
+            name, row = cache._names[cache.position(key)], cache._rows[cache.position(key)]
+            scale = np.asarray(cache._array("scale", name)[row])
+            assert (err[i] <= scale[:, None, None] / 2 + 1e-6).all()
+    else:  # pca: exactly the projection of the float32 features, up to float16 coefficients
+        mean, comps = cache.store.read_pca()
+        proj = np.einsum("kc,nkhw->nchw", comps, np.einsum("kc,nchw->nkhw", comps, ref - mean[None, :, None, None]))
+        proj += mean[None, :, None, None]
+        assert np.abs(got - proj).max() <= 2e-3 * np.abs(ref).max()
+        explained = cache.store.get_json("run.json")["storage"]["explained_variance"]
+        assert explained > 0.9
+    cos = (got * ref).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1) + 1e-12)
+    assert cos.mean() > 0.98
+    assert cache.manifest.column("storage").to_pylist()[0] == preset
+    assert cache.run["storage"]["preset"] == preset and cache.run["storage"]["error_bound"]
+
+
+def test_unsupported_preset_combinations_are_refused(photo_shards, tmp_path):
+    with pytest.raises(ConfigError, match="unknown storage preset"):
+        run_job(job_config([f"{photo_shards}/photos-000000.tar"], tmp_path / "a", storage="int4"))
+    with pytest.raises(ConfigError, match="lowres"):
+        run_job(job_config([f"{photo_shards}/photos-000000.tar"], tmp_path / "b", storage="lowres",
+                           upsampler="truth", random_init=False))
+
+
+# -- reading for training ----------------------------------------------------------------------------------------
+def test_split_crops_and_loaders(preset_caches):
+    cache = preset_caches["float16"]
+    train, val = cache.split(0.3, seed=1)
+    assert sorted(train + val) == sorted(cache.keys()) and not set(train) & set(val)
+    assert (train, val) == split_keys(cache.keys(), 0.3, seed=1)  # deterministic
+    assert split_keys(["a", "b"] + cache.keys(), 0.3, seed=1)[1] == [k for k in ["a", "b"] if k in
+                                                                     split_keys(["a", "b"], 0.3, seed=1)[1]] + val
+    key = cache.keys()[0]
+    crop = cache.read(key, crop=(5, 17, 20, 30))
+    np.testing.assert_array_equal(crop, np.asarray(cache[key])[:, 5:25, 17:47])
+    np.testing.assert_array_equal(cache.labels(key, crop=(5, 17, 20, 30)), cache.labels(key)[5:25, 17:47])
+    data = LabelledFeatures(cache, train, crop_size=32, seed=3)
+    loader = torch.utils.data.DataLoader(data, batch_size=2, num_workers=2, shuffle=True)
+    feats, labels = next(iter(loader))
+    assert feats.shape == (2, 32, 32, 32) and labels.shape == (2, 32, 32) and labels.dtype == torch.int64
+
+
+def test_ray_data_path(ray_local, preset_caches):
+    cache = preset_caches["float16"]
+    rows = cache.to_ray_dataset(cache.keys()[:4], concurrency=1).take_all()
+    assert sorted(r["key"] for r in rows) == sorted(cache.keys()[:4])
+    row = next(r for r in rows if r["key"] == cache.keys()[0])
+    np.testing.assert_array_equal(row["features"], np.asarray(cache[cache.keys()[0]], np.float32))
+    np.testing.assert_array_equal(row["labels"], cache.labels(cache.keys()[0]).astype(np.int64))
+
+
+# -- the probe -------------------------------------------------------------------------------------------------
+def test_probe_job_beats_chance(ray_local, tmp_path):
+    import train_probe
+
+    from pipeline.demo import COLOR_PHOTOS, GRAY_PHOTOS
+
+    write_shards(photo_samples(COLOR_PHOTOS + GRAY_PHOTOS), str(tmp_path / "s"), samples_per_shard=8, prefix="p")
+    out = tmp_path / "truth.zarr"
+    run_job(job_config([f"{tmp_path}/s/p-*.tar"], out, upsampler="truth", random_init=False, labels="oracle",
+                       image_size=64))
+    rc = train_probe.main(["--cache", str(out), "--output", str(tmp_path / "probe"), "--epochs", "15",
+                           "--batch-size", "4", "--lr", "0.05", "--workers", "1", "--val-fraction", "0.25"])
+    assert rc == 0
+    metrics = json.loads((tmp_path / "probe" / "metrics.json").read_text())
+    assert metrics["classes"] == 8 and metrics["val_samples"] >= 2
+    # chance: always predict the most frequent training class
+    cache = FeatureCache(str(out))
+    train, val = cache.split(0.25, 0)
+    counts = np.bincount(np.concatenate([cache.labels(k).ravel() for k in train]), minlength=8)
+    majority = int(np.argmax(counts))
+    from featup_ops.probe import SegmentationScore
+
+    conf = torch.zeros(8, 8, dtype=torch.int64)
+    for k in val:
+        lab = torch.from_numpy(cache.labels(k).astype(np.int64)).flatten()
+        conf[:, majority] += torch.bincount(lab, minlength=8)
+    chance = SegmentationScore(conf)
+    assert metrics["miou"] > chance.miou + 0.3 and metrics["pixel_accuracy"] > chance.pixel_accuracy + 0.2
+    from pipeline.probing import load_probe, predict
+
+    probe = load_probe(str(tmp_path / "probe"))
+    assert predict(probe, cache[val[0]]).shape == (64, 64)
+
+
+def test_probe_refuses_a_cache_without_labels(ray_local, photo_shards, tmp_path):
+    import train_probe
+
+    out = tmp_path / "nolabels.zarr"
+    run_job(job_config([f"{photo_shards}/photos-*.tar"], out, labels="none", upsampler="bilinear", random_init=False))
+    assert train_probe.main(["--cache", str(out), "--epochs", "1", "--workers", "0"]) == 2
+
+
+@pytest.mark.slow
+def test_probe_data_parallel_with_ray_train(ray_local, preset_caches, tmp_path):
+    from pipeline.probing import ProbeJobConfig, run_probe
+
+    metrics = run_probe(ProbeJobConfig(cache=preset_caches["float16"].url, output=str(tmp_path / "p"), epochs=2,
+                                       batch_size=2, workers=0, ray_workers=2, val_fraction=0.3))
+    assert metrics["world_size"] == 2 and 0 <= metrics["miou"] <= 1
+    assert (tmp_path / "p" / "probe.safetensors").exists()
+
+
+# -- pictures --------------------------------------------------------------------------------------------------
+def test_previews_are_pngs_of_the_expected_size(preset_caches, tmp_path):
+    import preview
+
+    cache = preset_caches["float16"]
+    written = sorted(Path(cache.url, "previews").glob("*.png"))
+    assert len(written) == 4
+    img = Image.open(written[0])
+    assert img.format == "PNG" and img.size == (3 * 64, 64) and img.mode == "RGB"
+    key = cache.keys()[-1]
+    assert preview.main(["--cache", cache.url, "--key", key, "--out", str(tmp_path / "pv")]) == 0
+    img = Image.open(tmp_path / "pv" / f"{key}.png")
+    assert img.size == (192, 64)
+    arr = np.asarray(img)
+    assert arr[:, 128:].std() > 5  # the feature panel is a picture, not a flat fill
+    assert preview.main(["--cache", cache.url, "--key", "no-such-key"]) == 2
+    # the lowres preset renders from its stored image
+    lowres = preset_caches["lowres"]
+    assert Image.open(sorted(Path(lowres.url, "previews").glob("*.png"))[0]).size == (192, 64)
