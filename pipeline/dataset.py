@@ -218,7 +218,10 @@ class FeatureCache(torch.utils.data.Dataset):
 
 
 class LabelledFeatures(torch.utils.data.Dataset):
-    """(features float32 (C,h,w), labels int64 (h,w)) pairs of a cache, optionally random crops of them.
+    """(features (C,h,w), labels int64 (h,w)) pairs of a cache, optionally random crops of them.
+
+    Features keep the stored float type (float16 stays float16: half the bytes through the DataLoader);
+    the training loop casts.
 
     Crops are read with `FeatureCache.read(crop=...)`, so only the tiles under the crop are fetched.
     Samples without a label get all-ignore labels.
@@ -229,7 +232,7 @@ class LabelledFeatures(torch.utils.data.Dataset):
         self.cache = cache
         self.keys = list(keys if keys is not None else cache.keys())
         self.crop_size, self.seed = crop_size, seed
-        self.epoch = 0
+        self._draws = 0  # crops differ from one pass to the next, reproducibly per worker
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -239,13 +242,14 @@ class LabelledFeatures(torch.utils.data.Dataset):
             return None
         h, w = self.cache.output_size
         size = min(self.crop_size, h, w)
-        rng = np.random.default_rng([self.seed, self.epoch, index, torch.initial_seed() % 2**31])
+        self._draws += 1
+        rng = np.random.default_rng([self.seed, index, self._draws, torch.initial_seed() % 2**31])
         return int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1)), size, size
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         key = self.keys[index]
         crop = self._crop(index)
-        feats = torch.from_numpy(np.asarray(self.cache.read(key, crop), dtype=np.float32))
+        feats = torch.from_numpy(np.ascontiguousarray(self.cache.read(key, crop)))
         labels = self.cache.labels(key, crop)
         if labels is None:
             labels = np.full(feats.shape[1:], IGNORE_LABEL, np.int64)

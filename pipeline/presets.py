@@ -4,8 +4,9 @@
     int8                           per-sample per-channel affine 8-bit codes: x ~ q * scale + offset, |err| <= scale/2
     pca<k>                         k principal-component coefficients (float16); one projection for the dataset,
                                    fitted on a sample of it and stored once; x ~ mean + components^T c
-    lowres                         the backbone's low-res features (float32) and the cropped image (uint8); the
+    lowres                         the backbone's low-res features (float16) and the cropped image (uint8); the
                                    reader re-runs the upsampler with the fused op and gets the eager features
+                                   to float16 precision
 
 Every preset stores arrays in Zarr groups named by role (features, scale, offset, image, lowres) with one
 array per shard attempt; `decode` turns what a reader fetched back into (C, H, W) features.
@@ -97,7 +98,7 @@ class Preset:
         return [ArraySpec("image", (3, s, s), "uint8")]  # lowres: the low-res features are always stored too
 
     def lowres_dtype(self) -> str:
-        return "float32" if self.name in ("lowres", "float32") else "float16"
+        return "float32" if self.name == "float32" else "float16"
 
     # -- writing ---------------------------------------------------------------------------------------------
     def encode(self, highres: torch.Tensor, images: np.ndarray) -> dict[str, np.ndarray]:
@@ -139,7 +140,8 @@ def error_bound(name: str) -> str:
     """The documented error of a preset's round trip, per element."""
     return {"float16": "relative 2^-11 (float16 rounding)", "bfloat16": "relative 2^-8 (bfloat16 rounding)",
             "float32": "exact", "int8": "absolute <= scale/2, scale = (max-min)/255 per sample and channel",
-            "lowres": "float16 precision of the eager features (same inputs, same fused kernels)"}.get(
+            "lowres": "float16 precision: within 2^-10 of each map's largest magnitude (the upsampler re-run on "
+                      "float16 low-res features)"}.get(
         name, "the variance outside the top-k principal components (see the fit's explained variance)")
 
 

@@ -64,14 +64,13 @@ def infer_classes(cache: FeatureCache, keys: list[str], ignore_index: int) -> in
     return top + 1
 
 
-def _loader(cache: FeatureCache, keys: list[str], config: ProbeJobConfig, shuffle: bool, crop: bool,
-            epoch: int = 0) -> DataLoader:
+def _loader(cache: FeatureCache, keys: list[str], config: ProbeJobConfig, shuffle: bool, crop: bool
+            ) -> DataLoader:
+    """Shuffled (for training), multi-worker, prefetching; workers persist across epochs."""
     data = LabelledFeatures(cache, keys, crop_size=config.crop_size if crop else None, seed=config.seed)
-    data.epoch = epoch
-    generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
     return DataLoader(data, batch_size=config.batch_size, shuffle=shuffle, num_workers=config.workers,
-                      persistent_workers=False, prefetch_factor=4 if config.workers else None, generator=generator,
-                      pin_memory=config.use_gpu)
+                      persistent_workers=config.workers > 0, prefetch_factor=4 if config.workers else None,
+                      generator=torch.Generator().manual_seed(config.seed), pin_memory=config.use_gpu)
 
 
 def _save(probe: torch.nn.Module, metrics: dict, output: str, storage_options: Mapping[str, Any]) -> None:
@@ -101,7 +100,8 @@ def run_probe(config: ProbeJobConfig) -> dict:
              classes, cache.dim)
     device = "cuda" if config.use_gpu and torch.cuda.is_available() else "cpu"
     torch.manual_seed(config.seed)
-    result = train_probe(lambda epoch: _loader(cache, train_keys, config, True, True, epoch), cache.dim, classes,
+    train_loader = _loader(cache, train_keys, config, True, True)
+    result = train_probe(lambda epoch: train_loader, cache.dim, classes,
                          ProbeTrainingConfig(config.epochs, config.lr, ignore_index=config.ignore_index, device=device),
                          val_batches=lambda: _loader(cache, val_keys, config, False, False))
     metrics = {**result.score.as_dict(), "train_losses": result.train_losses, "classes": classes,
@@ -129,7 +129,8 @@ def _ray_train_loop(loop_config: dict) -> None:
     torch.manual_seed(config.seed)
     probe = ray.train.torch.prepare_model(LinearProbe(cache.dim, config.classes))
     device = ray.train.torch.get_device()
-    result = train_probe(lambda epoch: _loader(cache, mine, config, True, True, epoch), cache.dim, config.classes,
+    train_loader = _loader(cache, mine, config, True, True)
+    result = train_probe(lambda epoch: train_loader, cache.dim, config.classes,
                          ProbeTrainingConfig(config.epochs, config.lr, ignore_index=config.ignore_index,
                                              device=str(device)),
                          val_batches=(lambda: _loader(cache, val_keys, config, False, False)) if rank == 0 else None,

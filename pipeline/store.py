@@ -55,7 +55,9 @@ class OutputExistsError(RuntimeError):
 
 
 def compressor() -> BloscCodec:
-    return BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+    """Blosc zstd level 1 with byte shuffle: measured on float16 feature maps, the same ratio as level 3 with
+    bit shuffle (about 2.2x) at half the compression time and two thirds of the decompression time."""
+    return BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")
 
 
 def tile_size(length: int) -> int:

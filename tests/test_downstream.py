@@ -178,7 +178,8 @@ def test_presets_round_trip_within_their_bound(preset_caches, preset):
     elif preset in ("bfloat16",):
         assert (err <= 2.0**-8 * np.abs(ref) + 1e-30).all()
     elif preset == "lowres":  # the replayed upsampler gives the eager features to float16 precision
-        assert (err <= 2.0**-11 * np.abs(ref) + 1e-6).all()
+        scale = np.abs(ref).max(axis=(1, 2, 3), keepdims=True)
+        assert (err <= 2.0**-10 * scale).all()
     elif preset == "int8":
         keys = sorted(cache.keys())
         for i, key in enumerate(keys):
