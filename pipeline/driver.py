@@ -45,12 +45,13 @@ class RunSummary:
     samples_read: int = 0
     ok: int = 0
     errors: int = 0
+    processed_ok: int = 0  # images computed by this run (the rest were committed by an earlier one)
     seconds: float = 0.0
     run: dict = field(default_factory=dict)
 
     @property
     def images_per_second(self) -> float:
-        return self.ok / self.seconds if self.seconds > 0 else 0.0
+        return self.processed_ok / self.seconds if self.seconds > 0 else 0.0
 
 
 class ShardWorker:
@@ -168,7 +169,7 @@ def _actor_layout(config: JobConfig) -> tuple[int, float, float]:
 class _Progress:
     """tqdm bar over shards with images/s, errors and the samples of shards still in flight."""
 
-    def __init__(self, total: int, initial_ok: int = 0):
+    def __init__(self, total: int):
         from tqdm.auto import tqdm
 
         self.bar = tqdm(total=total, unit="shard", desc="caching features", dynamic_ncols=True,
@@ -358,7 +359,8 @@ def run_job(config: JobConfig) -> RunSummary:
         try:
             if pca_components(config.storage_preset) is not None and store.read_pca() is None:
                 preset_info = _fit_pca(actors[0], config, pending, store)
-            _schedule(config, actors, pending, budget, summary)
+            results = _schedule(config, actors, pending, budget, summary)
+            summary.processed_ok = sum(r.ok for r in results)
         finally:
             for actor in actors:
                 ray.kill(actor)
@@ -388,7 +390,7 @@ def run_job(config: JobConfig) -> RunSummary:
         "flags": {k: v for k, v in vars(config).items() if k not in ("storage_options",)},
         "counts": {"shards": len(shards), "shards_committed": len(committed), "shards_skipped_resumed": len(done),
                    "shards_failed": len(summary.shards_failed), "samples": summary.samples_read, "ok": summary.ok,
-                   "errors": summary.errors},
+                   "errors": summary.errors, "ok_this_run": summary.processed_ok},
         "shard_errors": summary.shard_errors, "failed_shards": summary.shards_failed,
         "timings": {"started": started, "finished": time.time(), "elapsed_s": round(summary.seconds, 3),
                     "images_per_s": round(summary.images_per_second, 3),

@@ -56,7 +56,7 @@ def write_previews(url: str, keys: Sequence[str] | None = None, count: int = 4, 
     if missing:
         raise KeyError(f"not in the cache: {missing[:5]}")
     images = sample_images(cache, keys)
-    target = OutputStoreLike(out or cache.store.url_of("previews"), storage_options)
+    target = _Folder(out or cache.store.url_of("previews"), storage_options)
     written = []
     for key in keys:
         buf = io.BytesIO()
@@ -65,7 +65,7 @@ def write_previews(url: str, keys: Sequence[str] | None = None, count: int = 4, 
     return written
 
 
-class OutputStoreLike:
+class _Folder:
     """A folder (local or fsspec URL) to drop files into."""
 
     def __init__(self, url: str, storage_options: Mapping[str, Any] | None):

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "adaptive_conv_index.h"
+#include "adaptive_conv_shapes.h"
 
 namespace featup {
 namespace {
@@ -134,27 +135,12 @@ void check_cpu(const at::Tensor& t, const char* name) {
               t.device());
 }
 
-ConvGeometry geometry_from(const at::Tensor& input, const at::Tensor& filters) {
-  TORCH_CHECK(input.dim() == 4, "adaptive_conv: input must be (B,C,H+k-1,W+k-1), got ", input.sizes());
-  TORCH_CHECK(filters.dim() == 5, "adaptive_conv: filters must be (B,H,W,k,k), got ", filters.sizes());
-  const int64_t k = filters.size(3);
-  TORCH_CHECK(filters.size(4) == k && k % 2 == 1, "adaptive_conv: filters must be square with an odd size, got ",
-              filters.sizes());
-  ConvGeometry g{input.size(0), input.size(1), filters.size(1), filters.size(2), k};
-  TORCH_CHECK(filters.size(0) == g.B && input.size(2) == g.Hp() && input.size(3) == g.Wp(),
-              "adaptive_conv: input ", input.sizes(), " does not match filters ", filters.sizes(),
-              " (expected input (B, C, H+k-1, W+k-1))");
-  TORCH_CHECK(input.scalar_type() == filters.scalar_type(), "adaptive_conv: dtypes differ: input ",
-              input.scalar_type(), " filters ", filters.scalar_type());
-  return g;
-}
-
 }  // namespace
 
 at::Tensor forward_cpu(const at::Tensor& input_, const at::Tensor& filters_) {
   check_cpu(input_, "input");
   check_cpu(filters_, "filters");
-  const ConvGeometry g = geometry_from(input_, filters_);
+  const ConvGeometry g = forward_geometry(input_, filters_);
   auto input = input_.contiguous();
   auto filters = filters_.contiguous();
   auto out = at::empty({g.B, g.C, g.H, g.W}, input.options());
@@ -167,12 +153,7 @@ at::Tensor forward_cpu(const at::Tensor& input_, const at::Tensor& filters_) {
 at::Tensor grad_input_cpu(const at::Tensor& grad_out_, const at::Tensor& filters_) {
   check_cpu(grad_out_, "grad_output");
   check_cpu(filters_, "filters");
-  TORCH_CHECK(grad_out_.dim() == 4 && filters_.dim() == 5, "adaptive_conv grad_input: bad ranks ",
-              grad_out_.sizes(), " ", filters_.sizes());
-  const int64_t k = filters_.size(3);
-  ConvGeometry g{grad_out_.size(0), grad_out_.size(1), grad_out_.size(2), grad_out_.size(3), k};
-  TORCH_CHECK(filters_.size(0) == g.B && filters_.size(1) == g.H && filters_.size(2) == g.W && filters_.size(4) == k,
-              "adaptive_conv grad_input: grad_output ", grad_out_.sizes(), " does not match filters ", filters_.sizes());
+  const ConvGeometry g = grad_input_geometry(grad_out_, filters_);
   auto grad_out = grad_out_.contiguous();
   auto filters = filters_.contiguous().to(grad_out.scalar_type());
   auto gx = at::empty({g.B, g.C, g.Hp(), g.Wp()}, grad_out.options());
@@ -185,12 +166,8 @@ at::Tensor grad_input_cpu(const at::Tensor& grad_out_, const at::Tensor& filters
 at::Tensor grad_filters_cpu(const at::Tensor& grad_out_, const at::Tensor& input_) {
   check_cpu(grad_out_, "grad_output");
   check_cpu(input_, "input");
-  TORCH_CHECK(grad_out_.dim() == 4 && input_.dim() == 4, "adaptive_conv grad_filters: bad ranks ",
-              grad_out_.sizes(), " ", input_.sizes());
-  const int64_t k = input_.size(2) - grad_out_.size(2) + 1;
-  ConvGeometry g{grad_out_.size(0), grad_out_.size(1), grad_out_.size(2), grad_out_.size(3), k};
-  TORCH_CHECK(k >= 1 && input_.size(0) == g.B && input_.size(1) == g.C && input_.size(3) == g.Wp(),
-              "adaptive_conv grad_filters: grad_output ", grad_out_.sizes(), " does not match input ", input_.sizes());
+  const ConvGeometry g = grad_filters_geometry(grad_out_, input_);
+  const int64_t k = g.k;
   auto grad_out = grad_out_.contiguous();
   auto input = input_.contiguous().to(grad_out.scalar_type());
   auto gk = at::empty({g.B, g.H, g.W, k, k}, grad_out.options());

@@ -11,6 +11,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include "adaptive_conv_index.h"
+#include "adaptive_conv_shapes.h"
 
 namespace featup {
 namespace {
@@ -176,6 +177,18 @@ void dispatch_k(int64_t k, Fn&& fn) {
   }
 }
 
+// Blocks: tiles of a rows x cols plane (flattened into grid.x), channel groups (y), batch (z).
+struct Launch {
+  dim3 grid, block;
+  int64_t tiles_w;
+};
+
+Launch launch_over(int64_t rows, int64_t cols, const ConvGeometry& g) {
+  const int64_t tiles_w = ceil_div(cols, TILE_W);
+  return {dim3(ceil_div(rows, TILE_H) * tiles_w, ceil_div(g.C, CHANNELS_PER_BLOCK), g.B), dim3(TILE_W, TILE_H),
+          tiles_w};
+}
+
 size_t patch_bytes(int64_t k) { return static_cast<size_t>((TILE_H + k - 1) * (TILE_W + k - 1)) * sizeof(float); }
 
 void check_cuda(const at::Tensor& t, const char* name) {
@@ -187,25 +200,19 @@ void check_cuda(const at::Tensor& t, const char* name) {
 at::Tensor forward_cuda(const at::Tensor& input_, const at::Tensor& filters_) {
   check_cuda(input_, "input");
   check_cuda(filters_, "filters");
-  TORCH_CHECK(input_.dim() == 4 && filters_.dim() == 5, "adaptive_conv: bad ranks ", input_.sizes(), " ",
-              filters_.sizes());
-  const int64_t k = filters_.size(3);
-  ConvGeometry g{input_.size(0), input_.size(1), filters_.size(1), filters_.size(2), k};
-  TORCH_CHECK(filters_.size(0) == g.B && filters_.size(4) == k && input_.size(2) == g.Hp() && input_.size(3) == g.Wp(),
-              "adaptive_conv: input ", input_.sizes(), " does not match filters ", filters_.sizes());
+  const ConvGeometry g = forward_geometry(input_, filters_);
+  const int64_t k = g.k;
   c10::cuda::CUDAGuard guard(input_.device());
   auto input = input_.contiguous();
   auto filters = filters_.contiguous().to(input.scalar_type());
   auto out = at::empty({g.B, g.C, g.H, g.W}, input.options());
   if (out.numel() == 0) return out;
-  const int64_t tiles_w = ceil_div(g.W, TILE_W);
-  const dim3 grid(ceil_div(g.H, TILE_H) * tiles_w, ceil_div(g.C, CHANNELS_PER_BLOCK), g.B);
-  const dim3 block(TILE_W, TILE_H);
+  const Launch l = launch_over(g.H, g.W, g);
   auto stream = at::cuda::getCurrentCUDAStream();
   FEATUP_DISPATCH_CUDA_TYPES(input.scalar_type(), "adaptive_conv_forward_cuda", [&] {
     dispatch_k(k, [&](auto kt) {
-      forward_kernel<scalar_t, decltype(kt)::value><<<grid, block, patch_bytes(k), stream>>>(
-          input.data_ptr<scalar_t>(), filters.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), g, tiles_w);
+      forward_kernel<scalar_t, decltype(kt)::value><<<l.grid, l.block, patch_bytes(k), stream>>>(
+          input.data_ptr<scalar_t>(), filters.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), g, l.tiles_w);
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -215,24 +222,19 @@ at::Tensor forward_cuda(const at::Tensor& input_, const at::Tensor& filters_) {
 at::Tensor grad_input_cuda(const at::Tensor& grad_out_, const at::Tensor& filters_) {
   check_cuda(grad_out_, "grad_output");
   check_cuda(filters_, "filters");
-  TORCH_CHECK(grad_out_.dim() == 4 && filters_.dim() == 5, "adaptive_conv grad_input: bad ranks");
-  const int64_t k = filters_.size(3);
-  ConvGeometry g{grad_out_.size(0), grad_out_.size(1), grad_out_.size(2), grad_out_.size(3), k};
-  TORCH_CHECK(filters_.size(0) == g.B && filters_.size(1) == g.H && filters_.size(2) == g.W && filters_.size(4) == k,
-              "adaptive_conv grad_input: grad_output ", grad_out_.sizes(), " does not match filters ", filters_.sizes());
+  const ConvGeometry g = grad_input_geometry(grad_out_, filters_);
+  const int64_t k = g.k;
   c10::cuda::CUDAGuard guard(grad_out_.device());
   auto grad_out = grad_out_.contiguous();
   auto filters = filters_.contiguous().to(grad_out.scalar_type());
   auto gx = at::empty({g.B, g.C, g.Hp(), g.Wp()}, grad_out.options());
   if (gx.numel() == 0) return gx;
-  const int64_t tiles_w = ceil_div(g.Wp(), TILE_W);
-  const dim3 grid(ceil_div(g.Hp(), TILE_H) * tiles_w, ceil_div(g.C, CHANNELS_PER_BLOCK), g.B);
-  const dim3 block(TILE_W, TILE_H);
+  const Launch l = launch_over(g.Hp(), g.Wp(), g);
   auto stream = at::cuda::getCurrentCUDAStream();
   FEATUP_DISPATCH_CUDA_TYPES(grad_out.scalar_type(), "adaptive_conv_grad_input_cuda", [&] {
     dispatch_k(k, [&](auto kt) {
-      grad_input_kernel<scalar_t, decltype(kt)::value><<<grid, block, patch_bytes(k), stream>>>(
-          grad_out.data_ptr<scalar_t>(), filters.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), g, tiles_w);
+      grad_input_kernel<scalar_t, decltype(kt)::value><<<l.grid, l.block, patch_bytes(k), stream>>>(
+          grad_out.data_ptr<scalar_t>(), filters.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), g, l.tiles_w);
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -242,27 +244,21 @@ at::Tensor grad_input_cuda(const at::Tensor& grad_out_, const at::Tensor& filter
 at::Tensor grad_filters_cuda(const at::Tensor& grad_out_, const at::Tensor& input_) {
   check_cuda(grad_out_, "grad_output");
   check_cuda(input_, "input");
-  TORCH_CHECK(grad_out_.dim() == 4 && input_.dim() == 4, "adaptive_conv grad_filters: bad ranks");
-  const int64_t k = input_.size(2) - grad_out_.size(2) + 1;
-  ConvGeometry g{grad_out_.size(0), grad_out_.size(1), grad_out_.size(2), grad_out_.size(3), k};
-  TORCH_CHECK(k >= 1 && input_.size(0) == g.B && input_.size(1) == g.C && input_.size(3) == g.Wp(),
-              "adaptive_conv grad_filters: grad_output ", grad_out_.sizes(), " does not match input ", input_.sizes());
+  const ConvGeometry g = grad_filters_geometry(grad_out_, input_);
+  const int64_t k = g.k;
   c10::cuda::CUDAGuard guard(grad_out_.device());
   auto grad_out = grad_out_.contiguous();
   auto input = input_.contiguous().to(grad_out.scalar_type());
-  const int64_t groups = ceil_div(g.C, CHANNELS_PER_BLOCK);
-  const bool atomic = groups > 1 || k > 9 || k % 2 == 0 || k < 3;
+  const Launch l = launch_over(g.H, g.W, g);
+  const bool atomic = l.grid.y > 1 || k > 9 || k % 2 == 0 || k < 3;
   auto acc = atomic ? at::zeros({g.B, g.H, g.W, k, k}, grad_out.options().dtype(at::kFloat))
                     : at::empty({g.B, g.H, g.W, k, k}, grad_out.options().dtype(at::kFloat));
   if (acc.numel() == 0) return acc.to(grad_out.scalar_type());
-  const int64_t tiles_w = ceil_div(g.W, TILE_W);
-  const dim3 grid(ceil_div(g.H, TILE_H) * tiles_w, groups, g.B);
-  const dim3 block(TILE_W, TILE_H);
   auto stream = at::cuda::getCurrentCUDAStream();
   FEATUP_DISPATCH_CUDA_TYPES(grad_out.scalar_type(), "adaptive_conv_grad_filters_cuda", [&] {
     dispatch_k(k, [&](auto kt) {
-      grad_filters_kernel<scalar_t, decltype(kt)::value><<<grid, block, patch_bytes(k), stream>>>(
-          grad_out.data_ptr<scalar_t>(), input.data_ptr<scalar_t>(), acc.data_ptr<float>(), g, tiles_w, atomic);
+      grad_filters_kernel<scalar_t, decltype(kt)::value><<<l.grid, l.block, patch_bytes(k), stream>>>(
+          grad_out.data_ptr<scalar_t>(), input.data_ptr<scalar_t>(), acc.data_ptr<float>(), g, l.tiles_w, atomic);
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
