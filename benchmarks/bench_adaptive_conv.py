@@ -169,7 +169,15 @@ def main() -> None:
         print(f"{key}: fused is {r.get('speedup', '?')}x faster, uses {r.get('memory_ratio', '?')}x less extra memory")
     path = harness.write_results("adaptive_conv", {"shape": {"C": C, "H": H, "W": W, "k": K, "dtype": "float32"},
                                                    "cases": rows, "ratios": summary})
-    print(f"\nwrote {path}")
+    cases = [k for k, v in summary.items() if "speedup" in v]
+    timed = {r["case"]: {} for r in rows if "median_s" in r}
+    for r in rows:
+        if "median_s" in r:
+            timed[r["case"]][r["impl"]] = r
+    png = harness.bar_chart(harness.RESULTS / "adaptive_conv.png", "Fused adaptive conv vs unfold reference (log scale)",
+                            cases, {impl: [timed[c][impl]["median_s"] for c in cases] for impl in ("fused", "unfold")},
+                            "seconds (median)", log=True)
+    print(f"\nwrote {path} and {png}")
 
 
 def _ratio(res: dict) -> dict:

@@ -30,6 +30,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 RANDOM_INIT_SEED = 0
 
 
+def imagenet_normalize(images01: torch.Tensor) -> torch.Tensor:
+    """[0,1] RGB (B,3,H,W) normalised with ImageNet mean/std: the guidance every upsampler gets (what FeatUp's
+    JBU checkpoints were trained with), whatever normalisation the backbone itself wants."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=images01.dtype, device=images01.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=images01.dtype, device=images01.device).view(1, 3, 1, 1)
+    return (images01 - mean) / std
+
+
 class BackboneError(ValueError):
     """An unknown backbone, or one whose weights cannot be had."""
 
@@ -255,5 +263,5 @@ def create_backbone(name: str, weights: str | None = None, random_init: bool = F
             mean, std = IMAGENET_MEAN, IMAGENET_STD
         backbone = _create_timm(name, name, False, mean, std, weights, random_init, storage_options)
     if channel_norm:
-        backbone.channel_norm = ChannelNorm(backbone.dim)
+        backbone.channel_norm = ChannelNorm(backbone.dim).requires_grad_(False)  # frozen like the backbone
     return backbone

@@ -111,10 +111,28 @@ class AttentionDownsampler(nn.Module):
         return _weighted_pool(hr, attention, k)
 
 
+class AreaDownsampler(nn.Module):
+    """The fixed area average (no parameters): exact for backbones that average their patches (the oracle),
+    and it leaves the upsampler no learned pooling to hide errors behind."""
+
+    def __init__(self, kernel_size: int = 16, n_models: int = 1):
+        super().__init__()
+        self.kernel_size, self.n_models = kernel_size, n_models
+
+    def forward(self, hr: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+        _check(hr, out_size, self.kernel_size, self.n_models)
+        return F.avg_pool2d(hr, self.kernel_size)
+
+
+DOWNSAMPLERS = ("attention", "simple", "area")
+
+
 def create_downsampler(kind: str, dim: int, kernel_size: int = 16, n_models: int = 1) -> nn.Module:
-    """'simple' or 'attention' (the names FeatUp's configs use)."""
+    """'attention' or 'simple' (the learned ones of FeatUp's configs), or 'area' (fixed average)."""
+    if kind == "area":
+        return AreaDownsampler(kernel_size, n_models)
     if kind == "simple":
         return SimpleDownsampler(kernel_size, n_models)
     if kind == "attention":
         return AttentionDownsampler(dim, kernel_size, n_models)
-    raise ValueError(f"unknown downsampler {kind!r}: use 'simple' or 'attention'")
+    raise ValueError(f"unknown downsampler {kind!r}: use one of {', '.join(DOWNSAMPLERS)}")

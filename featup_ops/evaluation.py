@@ -22,10 +22,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .backbones import Backbone
+from .backbones import Backbone, imagenet_normalize
 from .downsamplers import area_downsample
 from .jitter import JitterSpec, sample_jitter
-from .training import imagenet_normalize
 
 EVAL_JITTER = JitterSpec(p_flip=0.5, p_zoom=0.5, max_zoom=2.0, pad=20.0)
 
@@ -134,33 +133,16 @@ def evaluate_upsampler(backbone: Backbone, upsampler: nn.Module, batches: Iterab
 
 
 # ---- previews ----------------------------------------------------------------------------------------------------
-def pca_colours(maps: list[torch.Tensor]) -> list[np.ndarray]:
-    """Feature maps (C,H,W) -> RGB uint8 (H,W,3), through one 3-component PCA fitted on all of them."""
-    flat = torch.cat([m.detach().float().flatten(1).T for m in maps])
-    mean = flat.mean(0)
-    _, _, v = torch.linalg.svd(flat - mean, full_matrices=False)
-    basis = v[:3].T
-    proj = [((m.detach().float().flatten(1).T - mean) @ basis) for m in maps]
-    allp = torch.cat(proj)
-    lo, hi = allp.quantile(0.01, dim=0), allp.quantile(0.99, dim=0)
-    out = []
-    for m, p in zip(maps, proj):
-        rgb = ((p - lo) / (hi - lo).clamp_min(1e-8)).clamp(0, 1).T.reshape(3, *m.shape[1:])
-        out.append((rgb.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
-    return out
-
-
 def preview_png(images01: torch.Tensor, lowres: torch.Tensor, highres: torch.Tensor, size: int = 224) -> bytes:
-    """A PNG grid, one row per image: the image | low-res features | high-res features (shared PCA colours)."""
-    maps = [m for i in range(images01.shape[0]) for m in (lowres[i], highres[i])]
-    colours = pca_colours(maps)
+    """A PNG grid, one row per image: the image | low-res features | high-res features (PCA colours), size x size
+    panels."""
+    from .visualize import preview_strip
+
     rows = []
     for i in range(images01.shape[0]):
-        img = (images01[i].clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-        tiles = [img, colours[2 * i], colours[2 * i + 1]]
-        resample = [Image.BILINEAR, Image.NEAREST, Image.NEAREST]
-        rows.append(np.concatenate([np.asarray(Image.fromarray(t).resize((size, size), r))
-                                    for t, r in zip(tiles, resample)], 1))
+        hr = F.interpolate(highres[i : i + 1].float(), size=(size, size), mode="nearest")[0]
+        image = (images01[i].clamp(0, 1).permute(1, 2, 0) * 255).round().byte().numpy()
+        rows.append(preview_strip(image, hr, lowres[i]))
     buf = io.BytesIO()
     Image.fromarray(np.concatenate(rows, 0)).save(buf, format="PNG")
     return buf.getvalue()

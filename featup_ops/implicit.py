@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -34,11 +35,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .backbones import Backbone
-from .downsamplers import create_downsampler
+from .downsamplers import DOWNSAMPLERS, create_downsampler
 from .jitter import Jitter, JitterSpec, sample_jitter
 from .losses import UncertaintyHead, blur_prior, magnitude_prior, total_variation, uncertainty_loss
 from .model import UpsamplerError, register_upsampler
-from .training import imagenet_normalize
+from .backbones import imagenet_normalize
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +52,10 @@ _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 class ImplicitConfig:
     """How images are fitted. The defaults are this project's fast settings; see `reference()`."""
 
-    steps: int = 400                     # most steps per image (early stopping usually ends sooner)
+    steps: int = 600                     # most steps per image (early stopping may end sooner)
     views_per_step: int = 10
     total_views: int = 400               # pool of jittered views (backbone runs) per image
-    pca_views: int = 50                  # views the PCA of the targets is fitted on
+    pca_views: int = 50                  # views the PCA of the targets is fitted on (at most total_views)
     pca_dim: int = 128
     hidden: int = 128
     lr: float = 5e-3
@@ -63,10 +64,11 @@ class ImplicitConfig:
     magnitude_weight: float = 1e-3
     tv_weight: float = 0.05
     blur_weight: float = 0.1
-    fit_scale: int = 16                  # the high-res map is fitted at fit_scale x the feature grid
+    fit_scale: int = 8                   # the high-res map is fitted at fit_scale x the feature grid (4x fewer
+                                         # pixels than 16x; rendering is at any resolution regardless)
     early_stop: bool = True
     patience: int = 40                   # steps per early-stopping window
-    tolerance: float = 0.01              # stop when a window improves the error by less than this fraction
+    tolerance: float = 0.01              # stop after 2 windows that do not improve the best error by this fraction
     min_steps: int = 0
     batch_size: int = 8                  # images per batched model
     compute_dtype: str | None = None     # "float16" / "bfloat16": autocast on CUDA (ignored on CPU)
@@ -91,13 +93,12 @@ class ImplicitConfig:
             raise ValueError(f"implicit upsampler: lr must be > 0, got {self.lr}")
         if self.fit_scale < 1:
             raise ValueError(f"implicit upsampler: fit_scale must be >= 1, got {self.fit_scale}")
-        if self.downsampler not in ("attention", "simple"):
-            raise ValueError(f"implicit upsampler: downsampler must be 'attention' or 'simple', got {self.downsampler!r}")
+        if self.downsampler not in DOWNSAMPLERS:
+            raise ValueError(f"implicit upsampler: downsampler must be one of {', '.join(DOWNSAMPLERS)}, "
+                             f"got {self.downsampler!r}")
         if self.compute_dtype not in (None, "float16", "bfloat16"):
             raise ValueError(f"implicit upsampler: compute_dtype must be float16, bfloat16 or None, "
                              f"got {self.compute_dtype!r}")
-        if self.pca_views > self.total_views:
-            raise ValueError(f"implicit upsampler: pca_views ({self.pca_views}) > total_views ({self.total_views})")
 
 
 # ---- the batched network -----------------------------------------------------------------------------------
@@ -117,10 +118,13 @@ class BatchedImplicitMLP(nn.Module):
         self.register_buffer("freqs", torch.exp(torch.linspace(-2, 10, N_FREQS)), persistent=False)
         self.phase = nn.Parameter(torch.zeros(n, N_FREQS))
         self.norm1_w, self.norm1_b = nn.Parameter(torch.ones(n, d_in)), nn.Parameter(torch.zeros(n, d_in))
-        self.w1, self.b1 = nn.Parameter(_uniform((n, hidden, d_in), d_in, g)), nn.Parameter(_uniform((n, hidden), d_in, g))
+        self.w1 = nn.Parameter(_uniform((n, hidden, d_in), d_in, g))
+        self.b1 = nn.Parameter(_uniform((n, hidden), d_in, g))
         self.norm2_w, self.norm2_b = nn.Parameter(torch.ones(n, hidden)), nn.Parameter(torch.zeros(n, hidden))
-        self.w2, self.b2 = nn.Parameter(_uniform((n, hidden, hidden), hidden, g)), nn.Parameter(_uniform((n, hidden), hidden, g))
-        self.w3, self.b3 = nn.Parameter(_uniform((n, out_dim, hidden), hidden, g)), nn.Parameter(_uniform((n, out_dim), hidden, g))
+        self.w2 = nn.Parameter(_uniform((n, hidden, hidden), hidden, g))
+        self.b2 = nn.Parameter(_uniform((n, hidden), hidden, g))
+        self.w3 = nn.Parameter(_uniform((n, out_dim, hidden), hidden, g))
+        self.b3 = nn.Parameter(_uniform((n, out_dim), hidden, g))
 
     def encode(self, images01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Phase-free parts of the Fourier features: (sin a, cos a) (N,P,150) and normalised RGB (N,P,3)."""
@@ -247,10 +251,11 @@ def _view_pool(backbone: Backbone, images01: torch.Tensor, cfg: ImplicitConfig, 
         feats = backbone(backbone.normalize(imgs)).float()
         return feats.reshape(N, hi - lo, *feats.shape[1:])
 
-    first = torch.cat([views(lo, min(lo + per_call, cfg.pca_views)) for lo in range(0, cfg.pca_views, per_call)], 1)
+    n_pca = min(cfg.pca_views, V)
+    first = torch.cat([views(lo, min(lo + per_call, n_pca)) for lo in range(0, n_pca, per_call)], 1)
     mean, basis = fit_pca(first, cfg.pca_dim)
     coeffs = [to_pca(first, mean, basis)]
-    for lo in range(cfg.pca_views, V, per_call):
+    for lo in range(n_pca, V, per_call):
         coeffs.append(to_pca(views(lo, min(lo + per_call, V)), mean, basis))
     return thetas.to(images01.device), torch.cat(coeffs, 1), mean, basis
 
@@ -289,11 +294,12 @@ def fit_implicit(backbone: Backbone, images01: torch.Tensor, config: ImplicitCon
         active = torch.ones(N, dtype=torch.bool, device=device)
         steps_run = torch.zeros(N, dtype=torch.long)
         window_err = torch.zeros(N, dtype=torch.float64)
-        last_window = torch.full((N,), float("inf"), dtype=torch.float64)
+        best_window = torch.full((N,), float("inf"), dtype=torch.float64)
+        stalls = torch.zeros(N, dtype=torch.long)
         final_error = torch.full((N,), float("nan"), dtype=torch.float64)
         Vs = cfg.views_per_step
         mlp.train(), down.train()
-        bar = tqdm(total=cfg.steps, desc=f"implicit fit x{N}", disable=not cfg.progress, dynamic_ncols=True)
+        bar = tqdm(total=cfg.steps, desc=f"implicit fit x{N}", disable=not cfg.progress or os.environ.get("TQDM_DISABLE") == "1", dynamic_ncols=True)
         for step in range(cfg.steps):
             pick = torch.randint(0, cfg.total_views, (N, Vs), generator=generator).to(device)
             theta = thetas.gather(1, pick[..., None, None].expand(N, Vs, 2, 3)).reshape(N * Vs, 2, 3)
@@ -331,10 +337,14 @@ def fit_implicit(backbone: Backbone, images01: torch.Tensor, config: ImplicitCon
             if (step + 1) % cfg.patience == 0:
                 window_err /= cfg.patience
                 final_error = torch.where(active.cpu(), window_err, final_error)
-                if cfg.early_stop and step + 1 >= max(cfg.min_steps, 2 * cfg.patience):
-                    stalled = (last_window - window_err) < cfg.tolerance * last_window
-                    active &= ~stalled.to(device)
-                last_window, window_err = window_err, torch.zeros_like(window_err)
+                # a window that does not beat the best one so far by `tolerance` is a stall; two in a row
+                # (windows are noisy: views are random) end that image's fit
+                improved = window_err < (1 - cfg.tolerance) * best_window
+                stalls = torch.where(improved, torch.zeros_like(stalls), stalls + 1)
+                best_window = torch.minimum(best_window, window_err)
+                if cfg.early_stop and step + 1 >= cfg.min_steps:
+                    active &= ~(stalls >= 2).to(device)
+                window_err = torch.zeros_like(window_err)
                 bar.set_postfix(err=f"{final_error.mean():.4f}", active=int(active.sum()))
                 if not active.any():
                     break
@@ -403,12 +413,14 @@ def create_implicit(dim: int, weights: str | Mapping | None = None, random_init:
     """options: ImplicitConfig fields (steps, views [per step], total_views, lr, batch_size, early_stop,
     compute_dtype, seed, ...); reference=True starts from the reference settings instead of the fast ones."""
     if weights is not None:
-        raise UpsamplerError("the implicit upsampler is fitted per image and takes no weights; drop --upsampler-weights")
+        raise UpsamplerError("the implicit upsampler is fitted per image and takes no weights; "
+                             "drop --upsampler-weights")
     fields = {f.name for f in dataclasses.fields(ImplicitConfig)}
     options = {_OPTION_NAMES.get(k, k): v for k, v in options.items()}
     unknown = sorted(set(options) - fields)
     if unknown:
-        raise UpsamplerError(f"unknown implicit upsampler option(s) {unknown}; known: views, {', '.join(sorted(fields))}")
+        raise UpsamplerError(f"unknown implicit upsampler option(s) {unknown}; "
+                             f"known: views, {', '.join(sorted(fields))}")
     cfg = ImplicitConfig.reference(**options) if reference else ImplicitConfig(**options)
     try:
         return ImplicitUpsampler(dim, cfg)

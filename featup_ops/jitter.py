@@ -58,12 +58,48 @@ class Jitter:
             theta = theta.expand(x.shape[0], 2, 3)
         if theta.shape[0] != x.shape[0]:
             raise ValueError(f"{theta.shape[0]} transforms for a batch of {x.shape[0]}")
+        fast = self._whole_pixel_shift(theta, x.shape[2], x.shape[3])
+        if fast is not None:
+            return _shift_flip(x, *fast)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         # grid_sample needs the grid in the input's dtype (autocast may hand us float16/bfloat16)
         return F.grid_sample(x, grid.to(x.dtype), mode=mode, padding_mode="reflection", align_corners=False)
 
+    @staticmethod
+    def _whole_pixel_shift(theta: torch.Tensor, height: int, width: int) -> tuple[int, int, bool] | None:
+        """(dy, dx, flip) when every transform is the same unzoomed shift by whole pixels at this size.
+
+        Such views are exact copies of pixels, so they skip grid_sample (and its costly backward).
+        """
+        first = theta[0]
+        if theta.shape[0] > 1 and not torch.equal(theta, first.expand_as(theta)):
+            return None
+        a, ty, tx = first[0, 0].item(), first[1, 2].item(), first[0, 2].item()
+        if abs(abs(a) - 1) > 1e-6 or abs(first[1, 1].item() - 1) > 1e-6 or first[0, 1].item() or first[1, 0].item():
+            return None
+        dy, dx = ty * height / 2, tx * width / 2
+        if abs(dy - round(dy)) > 1e-3 or abs(dx - round(dx)) > 1e-3:
+            return None
+        dy, dx = round(dy), round(dx)
+        if abs(dy) >= height or abs(dx) >= width:
+            return None
+        return dy, dx, a < 0
+
     def repeat_interleave(self, repeats: int) -> "Jitter":
         return Jitter(self.theta.repeat_interleave(repeats, dim=0))
+
+
+def _shift_flip(x: torch.Tensor, dy: int, dx: int, flip: bool) -> torch.Tensor:
+    """out[..., i, j] = x[..., i + dy, j + dx] with mirror padding about the border (grid_sample's
+    'reflection' with align_corners=False), then mirrored left-right if `flip`."""
+    H, W = x.shape[2:]
+    if dy:
+        p = abs(dy)
+        x = torch.cat([x[:, :, :p].flip(2), x, x[:, :, H - p:].flip(2)], 2)[:, :, p + dy: p + dy + H]
+    if dx:
+        p = abs(dx)
+        x = torch.cat([x[:, :, :, :p].flip(3), x, x[:, :, :, W - p:].flip(3)], 3)[:, :, :, p + dx: p + dx + W]
+    return x.flip(3) if flip else x
 
 
 def jitter_theta(flip: torch.Tensor, zoom: torch.Tensor, center_y: torch.Tensor, center_x: torch.Tensor

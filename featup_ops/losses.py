@@ -86,7 +86,7 @@ def magnitude_prior(x: torch.Tensor) -> torch.Tensor:
     return x.square().flatten(1).mean(1)
 
 
-def smoothness_prior(features: torch.Tensor, guidance: torch.Tensor, samples: int = 1024,
+def smoothness_prior(features: torch.Tensor, guidance: torch.Tensor, samples: int = 256,
                      generator: torch.Generator | None = None, position_sigma: float = 0.1,
                      colour_sigma: float = 0.15, local_sigma: float = 0.005, colour_weight: float = 10.0,
                      local_weight: float = 3.0) -> torch.Tensor:

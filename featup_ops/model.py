@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .backbones import IMAGENET_MEAN, IMAGENET_STD, RANDOM_INIT_SEED, Backbone, create_backbone
+from .backbones import RANDOM_INIT_SEED, Backbone, create_backbone, imagenet_normalize
 from .baselines import InterpolationUpsampler
 from .checkpoints import load_jbu, read_state, state_fingerprint
 from .jbu import JBUStack
@@ -139,9 +139,7 @@ class FeatureModel(nn.Module):
 
     @staticmethod
     def guidance(images: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor(IMAGENET_MEAN, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
-        return (images - mean) / std
+        return imagenet_normalize(images)
 
     def autocast(self, device: torch.device, dtype: torch.dtype | None):
         """Mixed precision on CUDA for 16-bit compute; float32 elsewhere."""

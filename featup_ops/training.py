@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -29,9 +30,9 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from tqdm.auto import tqdm
 
-from .backbones import IMAGENET_MEAN, IMAGENET_STD, Backbone
+from .backbones import Backbone, imagenet_normalize
 from .checkpoints import read_bytes, read_state, save_jbu
-from .downsamplers import create_downsampler
+from .downsamplers import DOWNSAMPLERS, create_downsampler
 from .jbu import JBUStack
 from .jitter import JitterSpec, sample_jitter
 from .layers import ChannelNorm
@@ -52,8 +53,12 @@ class TrainConfig:
     lr: float = 1e-3
     views: int = 5                       # jitters per step, each one transform for the whole batch
     image_size: int = 224                # training images are image_size x image_size
-    downsampler: str = "attention"       # 'attention' or 'simple'
+    downsampler: str = "attention"       # 'attention' / 'simple' (learned) or 'area' (fixed average)
     proj_dim: int = 30                   # random Gaussian projection of both sides of the loss
+    uncertainty: bool = True             # learned per-pixel uncertainty s; False: s = 1 (plain MSE / 2)
+    dropout: bool = True                 # the JBU's Dropout2d layers active while training (reference: yes)
+    scalar_lr_scale: float = 1.0         # learning-rate factor for the JBU's scalars (range_temp, sigma_spatial)
+    lr_schedule: str = "constant"        # 'constant' (reference) or 'cosine' (decay to 0 at `steps`)
     clip_norm: float = 1e-4              # gradient norm clip for the first clip_steps steps
     clip_steps: int = 10
     smoothness_weight: float = 1e-3      # CRF-like smoothness prior
@@ -61,6 +66,7 @@ class TrainConfig:
     jitter: JitterSpec = field(default_factory=lambda: JitterSpec(p_flip=0.5, p_zoom=0.5, max_zoom=2.0, pad=20.0))
     channel_norm: bool = True            # train behind a per-pixel LayerNorm of the backbone features
     stages: int = 4
+    range_temp_init: float = 0.0          # initial log-temperature of every stage's range kernel (reference: 0)
     seed: int = 0
 
     def validate(self) -> None:
@@ -73,10 +79,12 @@ class TrainConfig:
             raise ValueError(f"views must be >= 1 jitter per step, got {self.views}")
         if self.image_size < 16:
             raise ValueError(f"image_size must be >= 16 px, got {self.image_size}")
-        if self.downsampler not in ("attention", "simple"):
-            raise ValueError(f"downsampler must be 'attention' or 'simple', got {self.downsampler!r}")
+        if self.downsampler not in DOWNSAMPLERS:
+            raise ValueError(f"downsampler must be one of {', '.join(DOWNSAMPLERS)}, got {self.downsampler!r}")
         if self.proj_dim < 1:
             raise ValueError(f"proj_dim must be >= 1, got {self.proj_dim}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         if self.smoothness_weight < 0 or self.tv_weight < 0:
             raise ValueError("prior weights must be >= 0")
 
@@ -88,13 +96,6 @@ class TrainConfig:
         data = json.loads(text)
         data["jitter"] = JitterSpec(**data["jitter"])
         return cls(**data)
-
-
-def imagenet_normalize(images01: torch.Tensor) -> torch.Tensor:
-    """The guidance every upsampler gets: [0,1] RGB normalised with ImageNet mean/std."""
-    mean = torch.tensor(IMAGENET_MEAN, dtype=images01.dtype, device=images01.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=images01.dtype, device=images01.device).view(1, 3, 1, 1)
-    return (images01 - mean) / std
 
 
 class MultiViewTrainer:
@@ -109,8 +110,13 @@ class MultiViewTrainer:
         if upsampler is None:
             norm = ChannelNorm(backbone.dim) if config.channel_norm else None
             upsampler = JBUStack(backbone.dim, stages=config.stages, channel_norm=norm)
+            with torch.no_grad():
+                for layer in upsampler.modules():
+                    if hasattr(layer, "range_temp"):
+                        layer.range_temp.fill_(config.range_temp_init)
         if upsampler.dim != backbone.dim:
-            raise ValueError(f"upsampler is for {upsampler.dim} channels, backbone {backbone.name} gives {backbone.dim}")
+            raise ValueError(f"upsampler is for {upsampler.dim} channels, backbone {backbone.name} "
+                             f"gives {backbone.dim}")
         backbone.channel_norm = upsampler.channel_norm  # the frozen norm is part of the features
         self.backbone = backbone.to(self.device).eval().requires_grad_(False)
         self.upsampler = upsampler.to(self.device)
@@ -120,7 +126,13 @@ class MultiViewTrainer:
         self.head = UncertaintyHead(backbone.dim).to(self.device)
         self.params = [p for m in (self.upsampler, self.downsampler, self.head) for p in m.parameters()
                        if p.requires_grad]
-        self.optimizer = torch.optim.NAdam(self.params, lr=config.lr)
+        scalars = [p for p in self.params if p.dim() == 0]
+        others = [p for p in self.params if p.dim() > 0]
+        groups = [{"params": others}]
+        if scalars:
+            groups.append({"params": scalars, "lr": config.lr * config.scalar_lr_scale})
+        self.optimizer = torch.optim.NAdam(groups, lr=config.lr)
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.generator = torch.Generator().manual_seed(config.seed + 1)
         self.step = 0
 
@@ -136,7 +148,7 @@ class MultiViewTrainer:
         if images01.dim() != 4 or images01.shape[1] != 3:
             raise ValueError(f"expected a batch of RGB images (B,3,H,W), got {tuple(images01.shape)}")
         images01 = images01.to(self.device, torch.float32)
-        self.upsampler.train()
+        self.upsampler.train(cfg.dropout)
         self.downsampler.train()
         lr = self.features(images01)
         hr = self.upsampler(lr, imagenet_normalize(images01))
@@ -147,7 +159,7 @@ class MultiViewTrainer:
             lr_view = self.features(jitter(images01))
             down = self.downsampler(jitter(hr), lr_view.shape[2:])
             projection = random_projection(lr.shape[1], cfg.proj_dim, self.generator, self.device)
-            scale = self.head(lr_view)
+            scale = self.head(lr_view) if cfg.uncertainty else torch.ones_like(lr_view[:, :1])
             rec = rec + uncertainty_loss(project(down, projection), project(lr_view, projection), scale) / cfg.views
             with torch.no_grad():
                 rel += ((down - lr_view).square().sum() / lr_view.square().sum().clamp_min(1e-12)).item() / cfg.views
@@ -165,6 +177,11 @@ class MultiViewTrainer:
             self.grad_hook(self.params)
         if self.step < cfg.clip_steps:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_norm)
+        factor = 1.0
+        if cfg.lr_schedule == "cosine":
+            factor = 0.5 * (1 + math.cos(math.pi * min(self.step, cfg.steps) / cfg.steps))
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * factor
         self.optimizer.step()
         self.step += 1
         if not math.isfinite(loss.item()):
@@ -265,8 +282,8 @@ def train(trainer: MultiViewTrainer, batches: Iterable[torch.Tensor], checkpoint
         raise ValueError(f"checkpoint_every must be >= 1 step, got {checkpoint_every}")
     history: list[dict] = []
     start = time.perf_counter()
-    bar = tqdm(total=total, initial=trainer.step, desc="train jbu", disable=not (progress and is_main),
-               dynamic_ncols=True)
+    quiet = not (progress and is_main) or os.environ.get("TQDM_DISABLE") == "1"
+    bar = tqdm(total=total, initial=trainer.step, desc="train jbu", disable=quiet, dynamic_ncols=True)
     iterator = iter(batches)
     while trainer.step < total:
         try:

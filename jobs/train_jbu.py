@@ -15,79 +15,27 @@ with --resume), preview.png (image | low-res | high-res features, PCA colours) a
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import logging
-import random
 import sys
-import time
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from collections.abc import Sequence
+from pathlib import Path
 
-import numpy as np
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from featup_ops import BackboneError  # noqa: E402
+from pipeline.config import ConfigError  # noqa: E402
+from pipeline.jbu_training import TrainJobConfig, run  # noqa: E402
+from pipeline.shards import InputError  # noqa: E402
+from pipeline.storage import StorageError  # noqa: E402
 
 log = logging.getLogger("train_jbu")
 
 
-@dataclass
-class JobConfig:
-    """Everything one training run needs; built from the command line, validated before any work."""
-
-    input: list[str]
-    backbone: str
-    output: str
-    steps: int = 2000
-    batch_size: int = 4
-    image_size: int = 224
-    lr: float = 1e-3
-    views: int = 5
-    downsampler: str = "attention"
-    channel_norm: str = "auto"                  # auto: on, except for backbones with a known truth (oracle)
-    smoothness_weight: float = 1e-3
-    backbone_weights: str | None = None
-    random_init: bool = False
-    checkpoint_every: int = 250
-    resume: bool = False
-    time_limit_min: float | None = None
-    seed: int = 0
-    preview_images: int = 4
-    num_workers: int = 0                        # > 0: Ray Train data parallelism with this many workers
-    use_gpu: bool = False
-    ray_address: str | None = None
-    storage_options: dict[str, Any] = field(default_factory=dict)
-    shuffle_buffer: int = 256
-
-    def validate(self) -> None:
-        problems = []
-        if self.steps <= 0:
-            problems.append(f"--steps must be > 0 (got {self.steps})")
-        if self.batch_size <= 0:
-            problems.append(f"--batch-size must be > 0 (got {self.batch_size})")
-        if self.image_size < 32:
-            problems.append(f"--image-size must be >= 32 px (got {self.image_size})")
-        if not self.lr > 0:
-            problems.append(f"--lr must be > 0 (got {self.lr})")
-        if self.views < 1:
-            problems.append(f"--views must be >= 1 (got {self.views})")
-        if self.checkpoint_every < 1:
-            problems.append(f"--checkpoint-every must be >= 1 (got {self.checkpoint_every})")
-        if self.num_workers < 0:
-            problems.append(f"--num-workers must be >= 0 (got {self.num_workers})")
-        if self.num_workers > 0 and self.time_limit_min is not None:
-            problems.append("--time-limit works in single-process runs only (workers must stop at the same step)")
-        if self.time_limit_min is not None and self.time_limit_min <= 0:
-            problems.append(f"--time-limit must be > 0 minutes (got {self.time_limit_min})")
-        if self.use_gpu and self.num_workers == 0 and not torch.cuda.is_available():
-            problems.append("--use-gpu given but this machine has no CUDA device")
-        if problems:
-            raise SystemExit("train_jbu: " + "; ".join(problems))
-
-
-def parse_args(argv: Sequence[str] | None = None) -> JobConfig:
+def parse_args(argv: Sequence[str] | None = None) -> TrainJobConfig:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", action="append", required=True, help="shard pattern, list file or index.json (repeatable)")
+    p.add_argument("--input", action="append", required=True,
+                   help="shard pattern, list file or index.json (repeatable)")
     p.add_argument("--backbone", required=True, help="registered backbone name or timm model id")
     p.add_argument("--output", required=True, help="checkpoint folder, local or fsspec URL (s3://...)")
     p.add_argument("--steps", type=int, default=2000, help="total optimisation steps (default 2000, the reference)")
@@ -95,10 +43,21 @@ def parse_args(argv: Sequence[str] | None = None) -> JobConfig:
     p.add_argument("--image-size", type=int, default=224, help="resize + centre-crop size (default 224)")
     p.add_argument("--lr", type=float, default=1e-3, help="NAdam learning rate (default 1e-3)")
     p.add_argument("--views", type=int, default=5, help="jittered views per step (default 5)")
-    p.add_argument("--downsampler", choices=("attention", "simple"), default="attention")
+    p.add_argument("--downsampler", choices=("attention", "simple", "area"), default="attention",
+                   help="learned attention (reference) or simple blur, or the fixed area average")
     p.add_argument("--channel-norm", choices=("auto", "on", "off"), default="auto",
                    help="train behind a per-pixel LayerNorm of the features (auto: on, off for the oracle)")
     p.add_argument("--smoothness-weight", type=float, default=1e-3)
+    p.add_argument("--no-uncertainty", dest="uncertainty", action="store_false",
+                   help="plain squared error instead of the learned per-pixel uncertainty weighting")
+    p.add_argument("--scalar-lr-scale", type=float, default=1.0,
+                   help="learning-rate factor for the JBU's temperature and spatial sigma (default 1)")
+    p.add_argument("--range-temp-init", type=float, default=0.0,
+                   help="initial log-temperature of the range kernels (reference 0; higher starts edge-aware)")
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                   help="constant (reference) or cosine decay to 0 at --steps")
+    p.add_argument("--no-dropout", dest="dropout", action="store_false",
+                   help="train the JBU with its Dropout2d layers off (faster convergence on short runs)")
     p.add_argument("--backbone-weights", help="backbone weights file (local or s3://); default: timm/HF cache")
     p.add_argument("--random-init", action="store_true", help="accept a randomly initialised timm backbone")
     p.add_argument("--checkpoint-every", type=int, default=250, help="steps between checkpoints")
@@ -111,211 +70,16 @@ def parse_args(argv: Sequence[str] | None = None) -> JobConfig:
     p.add_argument("--ray-address", help="Ray cluster address (default: the one `ray job submit` gives, or local)")
     p.add_argument("--storage-options", type=json.loads, default={}, help="fsspec options as JSON")
     args = p.parse_args(argv)
-    return JobConfig(**vars(args))
-
-
-# ---- data ---------------------------------------------------------------------------------------------------------
-def image_batches(cfg: JobConfig, rank: int = 0, world: int = 1) -> Iterator[torch.Tensor]:
-    """Endless, shuffled (B,3,S,S) [0,1] batches from this worker's share of the shards (resize + centre crop)."""
-    from pipeline.images import SampleError, load_sample_image
-    from pipeline.shards import iter_samples, resolve_shards
-
-    shards = resolve_shards(cfg.input, cfg.storage_options)
-    rng = random.Random(cfg.seed * 1000 + rank)
-    by_shard = len(shards) >= world
-    skipped = 0
-    buffer: list[np.ndarray] = []
-    batch: list[np.ndarray] = []
-    for epoch in itertools.count():
-        order = list(shards)
-        random.Random(cfg.seed + epoch).shuffle(order)
-        mine = order[rank::world] if by_shard else order
-        produced = 0
-        for shard in mine:
-            for i, sample in enumerate(iter_samples(shard.url, cfg.storage_options)):
-                if not by_shard and i % world != rank:
-                    continue
-                try:
-                    image, _ = load_sample_image(sample, cfg.image_size)
-                except SampleError as exc:
-                    skipped += 1
-                    log.warning("skipping %s in %s: %s", sample.get("__key__"), shard.url, exc)
-                    continue
-                produced += 1
-                buffer.append(image)
-                if len(buffer) >= cfg.shuffle_buffer:
-                    batch.append(buffer.pop(rng.randrange(len(buffer))))
-                if len(batch) == cfg.batch_size:
-                    yield _to_tensor(batch)
-                    batch = []
-        if produced == 0:
-            raise RuntimeError(f"worker {rank}: no usable image in {len(mine)} shard(s) ({skipped} skipped)")
-        rng.shuffle(buffer)
-        while buffer:
-            batch.append(buffer.pop())
-            if len(batch) == cfg.batch_size:
-                yield _to_tensor(batch)
-                batch = []
-
-
-def _to_tensor(images: list[np.ndarray]) -> torch.Tensor:
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(255)
-
-
-# ---- training -----------------------------------------------------------------------------------------------------
-def build_backbone(cfg: JobConfig):
-    import featup_ops
-
-    return featup_ops.create_backbone(cfg.backbone, weights=cfg.backbone_weights, random_init=cfg.random_init,
-                                      storage_options=cfg.storage_options)
-
-
-def train_config(cfg: JobConfig, backbone) -> "featup_ops.TrainConfig":  # noqa: F821
-    from featup_ops import TrainConfig
-
-    channel_norm = {"on": True, "off": False}.get(cfg.channel_norm, not hasattr(backbone, "true_features"))
-    return TrainConfig(steps=cfg.steps, lr=cfg.lr, views=cfg.views, image_size=cfg.image_size,
-                       downsampler=cfg.downsampler, channel_norm=channel_norm,
-                       smoothness_weight=cfg.smoothness_weight, seed=cfg.seed)
-
-
-def _all_reduce_hook(world: int):
-    import torch.distributed as dist
-
-    def hook(params: list[torch.Tensor]) -> None:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat /= world
-        offset = 0
-        for p in params:
-            n = p.numel()
-            p.grad = flat[offset:offset + n].view_as(p).clone()
-            offset += n
-
-    return hook
-
-
-def run_training(cfg: JobConfig, rank: int = 0, world: int = 1, device: str | torch.device = "cpu") -> dict:
-    """Trains in this process (one data-parallel worker of `world`); rank 0 writes checkpoints."""
-    from featup_ops import MultiViewTrainer, load_checkpoint, train
-    from featup_ops.training import checkpoint_exists
-
-    backbone = build_backbone(cfg)
-    tcfg = train_config(cfg, backbone)
-    hook = _all_reduce_hook(world) if world > 1 else None
-    trainer = MultiViewTrainer(backbone, tcfg, device=device, grad_hook=hook)
-    if cfg.resume and checkpoint_exists(cfg.output, cfg.storage_options):
-        step = load_checkpoint(trainer, cfg.output, cfg.storage_options)
-        log.info("resuming from %s at step %d of %d", cfg.output, step, tcfg.steps)
-    if world > 1:
-        import torch.distributed as dist
-
-        for p in [p for m in (trainer.upsampler, trainer.downsampler, trainer.head) for p in m.parameters()]:
-            dist.broadcast(p.data, src=0)
-    log.info("training a JBU stack for %s (%d channels) on %s, %d steps from step %d, batch %d x %d workers, "
-             "%d px, %s downsampler, channel norm %s", backbone.name, backbone.dim, cfg.input, tcfg.steps,
-             trainer.step, cfg.batch_size, world, cfg.image_size, tcfg.downsampler, tcfg.channel_norm)
-    start = time.perf_counter()
-    limit = cfg.time_limit_min * 60 if cfg.time_limit_min else None
-    history = train(trainer, image_batches(cfg, rank, world), checkpoint_url=cfg.output,
-                    checkpoint_every=cfg.checkpoint_every, storage_options=cfg.storage_options,
-                    is_main=rank == 0, time_limit_s=limit)
-    tail = history[-50:]
-    summary = {"backbone": backbone.name, "steps": trainer.step, "seconds": time.perf_counter() - start,
-               "workers": world, "recipe": json.loads(tcfg.to_json()),
-               "final_loss": float(np.mean([h["loss"] for h in tail])) if tail else None,
-               "final_relative_mse": float(np.mean([h["relative_mse"] for h in tail])) if tail else None,
-               "first_loss": history[0]["loss"] if history else None}
-    return summary
-
-
-def _ray_worker(config: dict) -> None:
-    import ray.train
-    import ray.train.torch
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    ctx = ray.train.get_context()
-    cfg = JobConfig(**config["job"])
-    summary = run_training(cfg, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())
-    ray.train.report({k: v for k, v in summary.items() if isinstance(v, (int, float))})
-    if ctx.get_world_rank() == 0:
-        write_json(cfg, "summary.json", summary)
-
-
-def run_ray(cfg: JobConfig) -> None:
-    import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from pipeline.storage import worker_env
-
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray_address, runtime_env={"env_vars": worker_env()} if worker_env() else None)
-    trainer = TorchTrainer(_ray_worker, train_loop_config={"job": {**asdict(cfg), "resume": True}},  # checked above; restarts resume
-                           scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
-                           run_config=RunConfig(name=f"train_jbu_{cfg.backbone}_{int(time.time())}"))
-    trainer.fit()
-
-
-def write_json(cfg: JobConfig, name: str, payload: dict) -> None:
-    import fsspec
-
-    with fsspec.open(cfg.output.rstrip("/") + "/" + name, "w", auto_mkdir=True, **cfg.storage_options) as f:
-        json.dump(payload, f, indent=1)
-
-
-def write_preview(cfg: JobConfig) -> None:
-    """preview.png from the trained checkpoint on the first --preview-images training images."""
-    import fsspec
-
-    from featup_ops import load_jbu
-    from featup_ops.evaluation import preview_png
-    from featup_ops.training import imagenet_normalize
-
-    backbone = build_backbone(cfg)
-    stack = load_jbu(cfg.output, cfg.storage_options)
-    backbone.channel_norm = stack.channel_norm
-    images = next(image_batches(JobConfig(**{**asdict(cfg), "batch_size": cfg.preview_images, "shuffle_buffer": 1})))
-    with torch.no_grad():
-        lowres = backbone(backbone.normalize(images))
-        highres = stack(lowres, imagenet_normalize(images))
-    with fsspec.open(cfg.output.rstrip("/") + "/preview.png", "wb", auto_mkdir=True, **cfg.storage_options) as f:
-        f.write(preview_png(images, lowres, highres, size=cfg.image_size))
-
-
-def check_before_work(cfg: JobConfig) -> None:
-    """Refuses bad configuration before training starts: backbone, inputs, output state."""
-    from featup_ops import BackboneError
-    from featup_ops.training import checkpoint_exists
-    from pipeline.shards import resolve_shards
-
-    cfg.validate()
-    try:
-        build_backbone(cfg)
-    except BackboneError as exc:
-        raise SystemExit(f"train_jbu: {exc}") from None
-    resolve_shards(cfg.input, cfg.storage_options)
-    if not cfg.resume and checkpoint_exists(cfg.output, cfg.storage_options):
-        raise SystemExit(f"train_jbu: {cfg.output} already holds a training checkpoint; pass --resume to continue "
-                         "it or choose another --output")
+    return TrainJobConfig(**vars(args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = parse_args(argv)
-    check_before_work(cfg)
-    if cfg.num_workers > 0:
-        run_ray(cfg)
-    else:
-        device = "cuda" if cfg.use_gpu else "cpu"
-        summary = run_training(cfg, device=device)
-        write_json(cfg, "summary.json", summary)
-        log.info("done: %d steps in %.0f s, final loss %.4f", summary["steps"], summary["seconds"],
-                 summary["final_loss"])
-    if cfg.preview_images > 0:
-        write_preview(cfg)
-    log.info("checkpoint: %s/model.safetensors (featup_ops.load_jbu / --upsampler-weights)", cfg.output.rstrip("/"))
+    try:
+        run(cfg)
+    except (ConfigError, BackboneError, InputError, StorageError) as exc:
+        raise SystemExit(f"train_jbu: {exc}") from None
     return 0
 
 

@@ -208,8 +208,6 @@ def _fit_pca(actor, config: JobConfig, shards: list[Shard], store: OutputStore) 
     """Fits the dataset's pca<k> projection on one worker and stores it once, before any shard is written."""
     import ray
 
-    from .presets import error_bound, pca_components
-
     k = pca_components(config.storage_preset)
     log.info("fitting the %s projection on the first %d images", config.storage_preset, config.pca_samples)
     mean, components, explained, pixels = ray.get(
@@ -222,15 +220,21 @@ def _fit_pca(actor, config: JobConfig, shards: list[Shard], store: OutputStore) 
 
 def _schedule(config: JobConfig, actors: list, pending: list[Shard], budget: int | None, summary: RunSummary
               ) -> list[ShardResult]:
-    """Runs the pending shards on the actor pool; returns the results of the shards that committed."""
+    """Runs the pending shards on the actor pool; returns the results of the shards that committed.
+
+    A worker death costs the shard it was running one attempt; the actor is then left alone until a
+    readiness probe answers, so retries do not burn their attempts on an actor that is still restarting.
+    """
     import ray
-    from ray.exceptions import RayActorError, RayTaskError
+    from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
     n_actors = len(actors)
     in_flight: dict = {}  # ObjectRef -> (task, actor index, reserved samples)
+    probes: dict = {}  # ObjectRef -> actor index, for actors being restarted by Ray
     load = [0] * n_actors
-    failures = [0] * n_actors
+    deaths = [0] * n_actors
     alive = set(range(n_actors))
+    restarting: set[int] = set()
     queue_ = [ShardTask(s) for s in pending]
     results: list[ShardResult] = []
     progress = _Progress(len(pending))
@@ -240,9 +244,11 @@ def _schedule(config: JobConfig, actors: list, pending: list[Shard], budget: int
         return sum(r for _, _, r in in_flight.values())
 
     def submit() -> None:
-        nonlocal budget
-        while queue_ and alive:
-            idx = min(alive, key=lambda i: load[i])
+        while queue_:
+            ready_actors = alive - restarting
+            if not ready_actors:
+                return
+            idx = min(ready_actors, key=lambda i: load[i])
             if load[idx] >= IN_FLIGHT_PER_ACTOR:
                 return
             task = queue_[0]
@@ -260,8 +266,13 @@ def _schedule(config: JobConfig, actors: list, pending: list[Shard], budget: int
             in_flight[method.remote(task)] = (task, idx, reserve)
             load[idx] += 1
 
-    def retry_or_fail(task: ShardTask, reason: str) -> None:
-        if task.attempt >= config.max_attempts:
+    def probe(idx: int) -> None:
+        probes[actors[idx].status.options(concurrency_group="status").remote()] = idx
+
+    def retry_or_fail(task: ShardTask, reason: str, count_attempt: bool = True) -> None:
+        if not count_attempt:
+            queue_.insert(0, task)
+        elif task.attempt >= config.max_attempts:
             log.error("shard %s failed %d times, giving up: %s", task.shard.url, task.attempt, reason)
             summary.shards_failed.append({"url": task.shard.url, "error": reason})
         else:
@@ -269,21 +280,50 @@ def _schedule(config: JobConfig, actors: list, pending: list[Shard], budget: int
                         config.max_attempts, reason)
             queue_.insert(0, ShardTask(task.shard, attempt=task.attempt + 1))
 
+    def actor_lost(idx: int, task: ShardTask, exc: Exception) -> None:
+        reason = f"worker died ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+        if idx in restarting or idx not in alive:
+            # a casualty of a death already counted (queued behind the task that was running): no attempt lost
+            retry_or_fail(task, reason, count_attempt=False)
+            return
+        deaths[idx] += 1
+        if deaths[idx] > config.max_actor_restarts:
+            alive.discard(idx)
+            log.error("actor %d died %d times; removed from the pool", idx, deaths[idx])
+        else:
+            restarting.add(idx)
+            probe(idx)
+        retry_or_fail(task, reason)
+
+    def probe_answered(ref, idx: int) -> None:
+        try:
+            ray.get(ref)
+        except ActorUnavailableError:
+            time.sleep(0.5)  # still restarting: ask again shortly
+            probe(idx)
+            return
+        except RayActorError as exc:
+            alive.discard(idx)
+            restarting.discard(idx)
+            log.error("actor %d is gone for good (%s); removed from the pool", idx, type(exc).__name__)
+            return
+        restarting.discard(idx)
+        log.info("actor %d is back after a restart", idx)
+
     try:
         submit()
-        while in_flight:
-            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=STATUS_POLL_S)
+        while in_flight or (queue_ and probes):
+            ready, _ = ray.wait(list(in_flight) + list(probes), num_returns=1, timeout=STATUS_POLL_S)
             for ref in ready:
+                if ref in probes:
+                    probe_answered(ref, probes.pop(ref))
+                    continue
                 task, idx, _ = in_flight.pop(ref)
                 load[idx] -= 1
                 try:
                     result: ShardResult = ray.get(ref)
                 except RayActorError as exc:
-                    failures[idx] += 1
-                    if failures[idx] > config.max_actor_restarts:
-                        alive.discard(idx)
-                        log.error("actor %d died %d times; removed from the pool", idx, failures[idx])
-                    retry_or_fail(task, f"worker died ({type(exc).__name__}: {str(exc).splitlines()[0]})")
+                    actor_lost(idx, task, exc)
                     continue
                 except RayTaskError as exc:
                     cause = exc.cause if getattr(exc, "cause", None) is not None else exc
@@ -300,9 +340,11 @@ def _schedule(config: JobConfig, actors: list, pending: list[Shard], budget: int
                 raise JobFailed("every actor died repeatedly; see the worker logs (`ray logs`) for the cause")
             if time.perf_counter() - last_poll > STATUS_POLL_S:
                 last_poll = time.perf_counter()
-                progress.in_flight_samples = _poll_in_flight(actors, alive)
+                progress.in_flight_samples = _poll_in_flight(actors, alive - restarting)
                 progress.refresh()
             submit()
+        if queue_:
+            raise JobFailed(f"{len(queue_)} shard(s) left with no actor to run them; see the worker logs (`ray logs`)")
     finally:
         progress.close()
     return results

@@ -201,10 +201,13 @@ def build_model(config: JobConfig):
     """The job's FeatureModel (backbone + upsampler), exactly as every worker builds it."""
     from featup_ops import FeatureModel
 
+    options = dict(config.upsampler_options)
+    if config.upsampler == "implicit" and config.dtype != "float32":
+        options.setdefault("compute_dtype", config.dtype)  # its fit runs its own autocast (GPU only)
     return FeatureModel.create(
         config.backbone, config.upsampler, backbone_weights=config.backbone_weights,
         upsampler_weights=config.upsampler_weights, random_init=config.random_init,
-        storage_options=config.storage_options, upsampler_options=config.upsampler_options,
+        storage_options=config.storage_options, upsampler_options=options,
         backbone_options=config.backbone_options)
 
 

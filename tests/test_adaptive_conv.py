@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import cuda_ext
-from cuda_ext import reference as ref
 from cuda_ext.ops import FALLBACK
 
 from .conftest import ROOT, requires_cuda, requires_nvcc

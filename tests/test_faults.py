@@ -140,19 +140,26 @@ def ray_head(tmp_path):
     head = subprocess.Popen(
         [str(Path(PY).parent / "ray"), "start", "--head", "--block", f"--port={free_port()}",
          "--node-ip-address=127.0.0.1", "--num-cpus=2", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
+         "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={temp_dir}",
+         # fixed default ports would collide with the local Ray of the other tests: its agent would not start
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+         f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+         f"--ray-client-server-port={free_port()}"],
         env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
     address = f"http://127.0.0.1:{dash}"
     ray_cli = str(Path(PY).parent / "ray")
     deadline = time.time() + 240
-    while time.time() < deadline:  # up when its job API answers (with the token)
-        probe = subprocess.run([ray_cli, "job", "list", "--address", address], env=env, capture_output=True,
-                               timeout=60)
+    while time.time() < deadline:  # up once it accepts a job: its job agent starts after the job API answers
+        probe = subprocess.run([ray_cli, "job", "submit", "--address", address, "--", "python", "-c", "pass"],
+                               env=env, capture_output=True, timeout=120)
         if probe.returncode == 0:
             break
         assert head.poll() is None, "ray start --head exited: " + (tmp_path / "ray-start.log").read_text()[-2000:]
         time.sleep(2)
-    yield address, env
+    else:
+        pytest.fail("the head never accepted a job within 240 s: " + probe.stderr.decode()[-2000:]
+                    + _job_head_log(temp_dir))
+    yield address, env, temp_dir
     os.killpg(head.pid, signal.SIGTERM)
     try:
         head.wait(timeout=20)
@@ -166,15 +173,24 @@ def ray_head(tmp_path):
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def _job_head_log(temp_dir: str) -> str:
+    logs = sorted(Path(temp_dir).glob("session_*/logs/dashboard_JobHead.log"))
+    return "\n--- dashboard_JobHead.log ---\n" + logs[-1].read_text()[-3000:] if logs else ""
+
+
 def test_ray_job_submit_against_a_head_node(ray_head, photo_shards, tmp_path):
-    address, env = ray_head
+    address, env, temp_dir = ray_head
     out = tmp_path / "submitted.zarr"
     submit = [str(Path(PY).parent / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
               "python", "jobs/upsample_coco.py", "--input", f"{photo_shards}/photos-{{000000..000002}}.tar",
               "--output", str(out), "--backbone", "oracle", "--upsampler", "jbu", "--random-init",
               "--image-size", "64", "--batch-size", "2"]
-    proc = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    for _ in range(3):  # Ray's job head answers "No available agent ..., please try again later" when it is slow
+        proc = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+        if proc.returncode == 0 or "No available agent" not in proc.stderr:
+            break
+        time.sleep(5)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:] + _job_head_log(temp_dir)
     assert "succeeded" in proc.stdout + proc.stderr
     assert "connecting to the Ray cluster" in proc.stdout + proc.stderr
     cache = FeatureCache(str(out))

@@ -70,6 +70,20 @@ def test_unzoomed_jitter_is_exact_for_any_resolution(oracle, images):
     torch.testing.assert_close(F.avg_pool2d(jitter(double), 2), jitter(truth), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("flip", [False, True])
+def test_whole_pixel_shortcut_equals_grid_sample(flip):
+    from featup_ops.jitter import jitter_theta
+
+    x = torch.randn(2, 3, 16, 20)
+    for dy, dx in [(3, -5), (-7, 4), (15, -19)]:
+        theta = jitter_theta(torch.tensor([flip]), torch.tensor([1.0]), torch.tensor([2 * dy / 16]),
+                             torch.tensor([2 * dx / 20])).float().expand(2, 2, 3).contiguous()
+        assert Jitter._whole_pixel_shift(theta, 16, 20) == (dy, dx, flip)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        expected = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        torch.testing.assert_close(Jitter(theta)(x), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_flip_and_identity():
     x = torch.randn(2, 5, 16, 24)
     torch.testing.assert_close(identity(2)(x), x)
@@ -95,7 +109,7 @@ def test_jitter_rejects_bad_input():
 
 
 # ---- downsamplers ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["simple", "attention"])
+@pytest.mark.parametrize("kind", ["simple", "attention", "area"])
 def test_downsampler_shapes_and_gradients(kind):
     torch.manual_seed(0)
     down = create_downsampler(kind, dim=6, kernel_size=8)

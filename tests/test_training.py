@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ import torch
 
 from featup_ops import FeatureModel, JBUStack, create_backbone, load_jbu
 from featup_ops.training import (
-    MultiViewTrainer, TrainConfig, checkpoint_exists, load_checkpoint, save_checkpoint, train,
+    MultiViewTrainer, TrainConfig, checkpoint_exists, load_checkpoint, train,
 )
 from pipeline.demo import photo_samples
 from pipeline.shard_writer import write_shards
@@ -37,7 +38,7 @@ def small_config(**kw) -> TrainConfig:
 def heldout_recon(trainer: MultiViewTrainer, images: torch.Tensor) -> float:
     """Reconstruction error of the upsampler on fixed views (eval mode, area downsampling)."""
     from featup_ops.evaluation import reconstruction_sums
-    from featup_ops.training import imagenet_normalize
+    from featup_ops.backbones import imagenet_normalize
 
     trainer.upsampler.eval()
     with torch.no_grad():
@@ -152,15 +153,16 @@ def test_job_trains_checkpoints_resumes_and_previews(shards, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--steps", "0"], "--steps must be > 0"),
     (["--backbone", "no_such_backbone_xyz"], "unknown backbone"),
-    (["--input", "/nonexistent/shard-000000.tar"], "not found"),
+    (["--input", "/nonexistent/shard-000000.tar"], "do not exist"),
 ])
 def test_job_refuses_bad_configuration_before_work(shards, tmp_path, args, message):
+    from .test_eval import load_job
+
     base = {"--input": shards, "--backbone": "oracle", "--output": str(tmp_path / "o"), "--steps": "2"}
     for flag, value in zip(args[::2], args[1::2]):
         base[flag] = value
-    proc = run_job(*[x for kv in base.items() for x in kv])
-    assert proc.returncode != 0
-    assert message in proc.stderr, proc.stderr[-2000:]
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        load_job(JOB).main([x for kv in base.items() for x in kv])
     assert not (tmp_path / "o").exists()
 
 

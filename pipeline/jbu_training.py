@@ -1,0 +1,312 @@
+"""Training a JBU upsampler on WebDataset shards: in this process, or data-parallel with Ray Train.
+
+The method (multi-view loss, trainer, checkpoints) lives in `featup_ops.training`; this module feeds it
+shuffled image batches from shards (local or fsspec), checks a run before it starts, and writes the
+run's summary and preview next to the checkpoint.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from .config import ConfigError
+
+if TYPE_CHECKING:
+    from featup_ops import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainJobConfig:
+    """Everything one training run needs; built from the command line, validated before any work."""
+
+    input: list[str]
+    backbone: str
+    output: str
+    steps: int = 2000
+    batch_size: int = 4
+    image_size: int = 224
+    lr: float = 1e-3
+    views: int = 5
+    downsampler: str = "attention"
+    channel_norm: str = "auto"                  # auto: on, except for backbones with a known truth (oracle)
+    smoothness_weight: float = 1e-3
+    uncertainty: bool = True
+    dropout: bool = True
+    scalar_lr_scale: float = 1.0
+    range_temp_init: float = 0.0
+    lr_schedule: str = "constant"
+    backbone_weights: str | None = None
+    random_init: bool = False
+    checkpoint_every: int = 250
+    resume: bool = False
+    time_limit_min: float | None = None
+    seed: int = 0
+    preview_images: int = 4
+    num_workers: int = 0                        # > 0: Ray Train data parallelism with this many workers
+    use_gpu: bool = False
+    ray_address: str | None = None
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    shuffle_buffer: int = 256
+
+    def validate(self) -> None:
+        problems = []
+        if self.steps <= 0:
+            problems.append(f"--steps must be > 0 (got {self.steps})")
+        if self.batch_size <= 0:
+            problems.append(f"--batch-size must be > 0 (got {self.batch_size})")
+        if self.image_size < 32:
+            problems.append(f"--image-size must be >= 32 px (got {self.image_size})")
+        if not self.lr > 0:
+            problems.append(f"--lr must be > 0 (got {self.lr})")
+        if self.views < 1:
+            problems.append(f"--views must be >= 1 (got {self.views})")
+        if self.checkpoint_every < 1:
+            problems.append(f"--checkpoint-every must be >= 1 (got {self.checkpoint_every})")
+        if self.num_workers < 0:
+            problems.append(f"--num-workers must be >= 0 (got {self.num_workers})")
+        if self.num_workers > 0 and self.time_limit_min is not None:
+            problems.append("--time-limit works in single-process runs only (workers must stop at the same step)")
+        if self.time_limit_min is not None and self.time_limit_min <= 0:
+            problems.append(f"--time-limit must be > 0 minutes (got {self.time_limit_min})")
+        if self.use_gpu and self.num_workers == 0 and not torch.cuda.is_available():
+            problems.append("--use-gpu given but this machine has no CUDA device")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+
+# ---- data ---------------------------------------------------------------------------------------------------------
+def image_batches(cfg: TrainJobConfig, rank: int = 0, world: int = 1) -> Iterator[torch.Tensor]:
+    """Endless, shuffled (B,3,S,S) [0,1] batches from this worker's share of the shards (resize + centre crop)."""
+    from .images import SampleError, load_sample_image
+    from .shards import iter_samples, resolve_shards
+
+    shards = resolve_shards(cfg.input, cfg.storage_options)
+    rng = random.Random(cfg.seed * 1000 + rank)
+    by_shard = len(shards) >= world
+    skipped = 0
+    buffer: list[np.ndarray] = []
+    batch: list[np.ndarray] = []
+    for epoch in itertools.count():
+        order = list(shards)
+        random.Random(cfg.seed + epoch).shuffle(order)
+        mine = order[rank::world] if by_shard else order
+        produced = 0
+        for shard in mine:
+            for i, sample in enumerate(iter_samples(shard.url, cfg.storage_options)):
+                if not by_shard and i % world != rank:
+                    continue
+                try:
+                    image, _ = load_sample_image(sample, cfg.image_size)
+                except SampleError as exc:
+                    skipped += 1
+                    log.warning("skipping %s in %s: %s", sample.get("__key__"), shard.url, exc)
+                    continue
+                produced += 1
+                buffer.append(image)
+                if len(buffer) >= cfg.shuffle_buffer:
+                    batch.append(buffer.pop(rng.randrange(len(buffer))))
+                if len(batch) == cfg.batch_size:
+                    yield _to_tensor(batch)
+                    batch = []
+        if produced == 0:
+            raise RuntimeError(f"worker {rank}: no usable image in {len(mine)} shard(s) ({skipped} skipped)")
+        rng.shuffle(buffer)
+        while buffer:
+            batch.append(buffer.pop())
+            if len(batch) == cfg.batch_size:
+                yield _to_tensor(batch)
+                batch = []
+
+
+def _to_tensor(images: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(255)
+
+
+# ---- training -----------------------------------------------------------------------------------------------------
+def build_backbone(cfg: TrainJobConfig):
+    import featup_ops
+
+    return featup_ops.create_backbone(cfg.backbone, weights=cfg.backbone_weights, random_init=cfg.random_init,
+                                      storage_options=cfg.storage_options)
+
+
+def train_config(cfg: TrainJobConfig, backbone) -> TrainConfig:
+    from featup_ops import TrainConfig
+
+    channel_norm = {"on": True, "off": False}.get(cfg.channel_norm, not hasattr(backbone, "true_features"))
+    return TrainConfig(steps=cfg.steps, lr=cfg.lr, views=cfg.views, image_size=cfg.image_size,
+                       downsampler=cfg.downsampler, channel_norm=channel_norm,
+                       smoothness_weight=cfg.smoothness_weight, uncertainty=cfg.uncertainty, dropout=cfg.dropout,
+                       scalar_lr_scale=cfg.scalar_lr_scale, lr_schedule=cfg.lr_schedule, seed=cfg.seed,
+                       range_temp_init=cfg.range_temp_init)
+
+
+def _all_reduce_hook(world: int):
+    import torch.distributed as dist
+
+    def hook(params: list[torch.Tensor]) -> None:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= world
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset:offset + n].view_as(p).clone()
+            offset += n
+
+    return hook
+
+
+def run_training(cfg: TrainJobConfig, rank: int = 0, world: int = 1, device: str | torch.device = "cpu") -> dict:
+    """Trains in this process (one data-parallel worker of `world`); rank 0 writes checkpoints."""
+    from featup_ops import MultiViewTrainer, load_checkpoint, train
+    from featup_ops.training import checkpoint_exists
+
+    backbone = build_backbone(cfg)
+    tcfg = train_config(cfg, backbone)
+    hook = _all_reduce_hook(world) if world > 1 else None
+    trainer = MultiViewTrainer(backbone, tcfg, device=device, grad_hook=hook)
+    if cfg.resume and checkpoint_exists(cfg.output, cfg.storage_options):
+        step = load_checkpoint(trainer, cfg.output, cfg.storage_options)
+        log.info("resuming from %s at step %d of %d", cfg.output, step, tcfg.steps)
+    if world > 1:
+        import torch.distributed as dist
+
+        for p in [p for m in (trainer.upsampler, trainer.downsampler, trainer.head) for p in m.parameters()]:
+            dist.broadcast(p.data, src=0)
+    log.info("training a JBU stack for %s (%d channels) on %s, %d steps from step %d, batch %d x %d workers, "
+             "%d px, %s downsampler, channel norm %s", backbone.name, backbone.dim, cfg.input, tcfg.steps,
+             trainer.step, cfg.batch_size, world, cfg.image_size, tcfg.downsampler, tcfg.channel_norm)
+    start = time.perf_counter()
+    limit = cfg.time_limit_min * 60 if cfg.time_limit_min else None
+    history = train(trainer, image_batches(cfg, rank, world), checkpoint_url=cfg.output,
+                    checkpoint_every=cfg.checkpoint_every, storage_options=cfg.storage_options,
+                    is_main=rank == 0, time_limit_s=limit)
+    tail = history[-50:]
+    summary = {"backbone": backbone.name, "steps": trainer.step, "seconds": time.perf_counter() - start,
+               "workers": world, "recipe": json.loads(tcfg.to_json()),
+               "final_loss": float(np.mean([h["loss"] for h in tail])) if tail else None,
+               "final_relative_mse": float(np.mean([h["relative_mse"] for h in tail])) if tail else None,
+               "first_loss": history[0]["loss"] if history else None}
+    return summary
+
+
+def _ray_worker(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    ctx = ray.train.get_context()
+    cfg = TrainJobConfig(**config["job"])
+    summary = run_training(cfg, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())
+    ray.train.report({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+    if ctx.get_world_rank() == 0:
+        write_json(cfg, "summary.json", summary)
+
+
+def run_ray(cfg: TrainJobConfig) -> None:
+    """Data-parallel training with Ray Train: one TorchTrainer worker (process) per --num-workers."""
+    import os
+    import tempfile
+
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray's switch for loopback-only nodes
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from .storage import worker_env
+
+    if not ray.is_initialized():
+        env = {"env_vars": worker_env()} if worker_env() else None
+        if address:
+            log.info("connecting to the Ray cluster at %s", address)
+            ray.init(address=address, runtime_env=env)
+        else:
+            log.info("starting a local Ray instance")
+            ray.init(include_dashboard=False, runtime_env=env)
+    # the output was checked before work started, so a restarted worker group resumes from its checkpoint
+    trainer = TorchTrainer(_ray_worker, train_loop_config={"job": {**asdict(cfg), "resume": True}},
+                           scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                                        resources_per_worker={"CPU": 1}),
+                           run_config=RunConfig(name=f"train_jbu_{cfg.backbone}",
+                                                storage_path=tempfile.mkdtemp(prefix="featup-train-jbu-")))
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+
+
+def write_json(cfg: TrainJobConfig, name: str, payload: dict) -> None:
+    import fsspec
+
+    with fsspec.open(cfg.output.rstrip("/") + "/" + name, "w", auto_mkdir=True, **cfg.storage_options) as f:
+        json.dump(payload, f, indent=1)
+
+
+def write_preview(cfg: TrainJobConfig) -> None:
+    """preview.png from the trained checkpoint on the first --preview-images training images."""
+    import fsspec
+
+    from featup_ops import load_jbu
+    from featup_ops.evaluation import preview_png
+    from featup_ops.backbones import imagenet_normalize
+
+    backbone = build_backbone(cfg)
+    stack = load_jbu(cfg.output, cfg.storage_options)
+    backbone.channel_norm = stack.channel_norm
+    first = TrainJobConfig(**{**asdict(cfg), "batch_size": cfg.preview_images, "shuffle_buffer": 1})
+    images = next(image_batches(first))
+    with torch.no_grad():
+        lowres = backbone(backbone.normalize(images))
+        highres = stack(lowres, imagenet_normalize(images))
+    with fsspec.open(cfg.output.rstrip("/") + "/preview.png", "wb", auto_mkdir=True, **cfg.storage_options) as f:
+        f.write(preview_png(images, lowres, highres, size=cfg.image_size))
+
+
+def check_before_work(cfg: TrainJobConfig) -> None:
+    """Refuses bad configuration before training starts: backbone, inputs, output state."""
+    from featup_ops import BackboneError
+    from featup_ops.training import checkpoint_exists
+    from .shards import InputError, resolve_shards
+    from .storage import StorageError
+
+    cfg.validate()
+    try:
+        build_backbone(cfg)
+        resolve_shards(cfg.input, cfg.storage_options)
+    except (BackboneError, InputError, StorageError) as exc:
+        raise ConfigError(str(exc)) from None
+    if not cfg.resume and checkpoint_exists(cfg.output, cfg.storage_options):
+        raise ConfigError(f"{cfg.output} already holds a training checkpoint; pass --resume to continue "
+                         "it or choose another --output")
+
+
+def run(cfg: TrainJobConfig) -> dict | None:
+    """The whole training run: checks, training (here or on Ray Train), summary.json and preview.png."""
+    check_before_work(cfg)
+    summary = None
+    if cfg.num_workers > 0:
+        run_ray(cfg)
+    else:
+        summary = run_training(cfg, device="cuda" if cfg.use_gpu else "cpu")
+        write_json(cfg, "summary.json", summary)
+        log.info("done: %d steps in %.0f s, final loss %.4f", summary["steps"], summary["seconds"],
+                 summary["final_loss"])
+    if cfg.preview_images > 0:
+        write_preview(cfg)
+    log.info("checkpoint: %s/model.safetensors (featup_ops.load_jbu / --upsampler-weights)", cfg.output.rstrip("/"))
+    return summary

@@ -1,0 +1,136 @@
+"""Scoring upsamplers on held-out shards: error against known truth (oracle) and multi-view reconstruction.
+
+The metrics live in `featup_ops.evaluation`; this module reads the images from shards (bad samples are
+reported and skipped), builds every requested upsampler the same way, and feeds them identical batches.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import ConfigError
+from .images import SampleError, load_sample_image
+from .shards import InputError, iter_samples, resolve_shards
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalConfig:
+    """One evaluation run, validated before any work."""
+
+    input: list[str]
+    backbone: str
+    upsampler: list[str]
+    json: str | None = None
+    image_size: int = 224
+    upsampler_weights: str | None = None
+    backbone_weights: str | None = None
+    random_init: bool = False
+    batch_size: int = 4
+    limit: int | None = None
+    recon_views: int = 5
+    seed: int = 0
+    implicit_steps: int | None = None
+    implicit_views: int | None = None
+    implicit_total_views: int | None = None
+    implicit_reference: bool = False
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        from featup_ops import list_upsamplers
+
+        problems = []
+        known = list_upsamplers()
+        for name in self.upsampler:
+            if name not in known:
+                problems.append(f"unknown --upsampler {name!r} (known: {', '.join(sorted(known))})")
+        if len(set(self.upsampler)) != len(self.upsampler):
+            problems.append(f"an --upsampler is given twice: {self.upsampler}")
+        if "jbu" in self.upsampler and self.upsampler_weights is None and not self.random_init:
+            problems.append("--upsampler jbu needs --upsampler-weights (or --random-init for an untrained stack)")
+        if self.upsampler_weights is not None and "jbu" not in self.upsampler:
+            problems.append("--upsampler-weights given without --upsampler jbu")
+        for name in ("image_size", "batch_size", "recon_views"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
+        if self.limit is not None and self.limit < 1:
+            problems.append(f"--limit must be >= 1 (got {self.limit})")
+        for name in ("implicit_steps", "implicit_views", "implicit_total_views"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                problems.append(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    def implicit_options(self) -> dict:
+        opts = {"steps": self.implicit_steps, "views": self.implicit_views, "total_views": self.implicit_total_views}
+        opts = {k: v for k, v in opts.items() if v is not None}
+        if self.implicit_reference:
+            opts["reference"] = True
+        return opts
+
+
+def load_images(cfg: EvalConfig) -> list[np.ndarray]:
+    """All evaluation images (resize + centre crop), in shard order; bad samples are reported and skipped."""
+
+    shards = resolve_shards(cfg.input, cfg.storage_options)
+    images = []
+    for shard in shards:
+        for sample in iter_samples(shard.url, cfg.storage_options):
+            try:
+                images.append(load_sample_image(sample, cfg.image_size)[0])
+            except SampleError as exc:
+                log.warning("skipping %s: %s", sample.get("__key__"), exc)
+            if cfg.limit is not None and len(images) >= cfg.limit:
+                return images
+    if not images:
+        raise InputError(f"no usable image in {cfg.input}: every sample failed to decode (see the warnings above)")
+    return images
+
+
+def batches(images: list[np.ndarray], batch_size: int) -> Iterator[torch.Tensor]:
+    for lo in range(0, len(images), batch_size):
+        yield torch.from_numpy(np.stack(images[lo:lo + batch_size])).permute(0, 3, 1, 2).float().div_(255)
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, dict]:
+    """Scores per upsampler name."""
+    from featup_ops import create_backbone, create_upsampler
+    from featup_ops.evaluation import evaluate_upsampler
+
+    backbone = create_backbone(cfg.backbone, weights=cfg.backbone_weights, random_init=cfg.random_init,
+                               storage_options=cfg.storage_options)
+    upsamplers = {}
+    for name in cfg.upsampler:
+        kwargs = cfg.implicit_options() if name == "implicit" else {}
+        weights = cfg.upsampler_weights if name == "jbu" else None
+        upsamplers[name] = create_upsampler(name, backbone.dim, weights=weights, random_init=cfg.random_init,
+                                            storage_options=cfg.storage_options, **kwargs)
+    norms = {n: u.channel_norm for n, u in upsamplers.items() if getattr(u, "channel_norm", None) is not None}
+    if norms:  # every upsampler works on the features the trained one expects
+        backbone.channel_norm = next(iter(norms.values()))
+        log.info("backbone features go through the channel norm of %s for every upsampler", next(iter(norms)))
+    images = load_images(cfg)
+    log.info("evaluating %s on %d images of %d px with backbone %s", ", ".join(upsamplers), len(images),
+             cfg.image_size, backbone.name)
+    scores = {}
+    for name, up in upsamplers.items():
+        scores[name] = evaluate_upsampler(backbone, up, batches(images, cfg.batch_size), cfg.recon_views,
+                                          cfg.seed).as_dict()
+        log.info("%s: %s", name, scores[name])
+    return scores
+
+
+def format_table(scores: dict[str, dict]) -> str:
+    cols = ["upsampler", "rel_error", "cosine", "recon_error", "seconds_per_image", "images"]
+    rows = [[name] + [("-" if s[c] is None else f"{s[c]:.4f}" if isinstance(s[c], float) else str(s[c]))
+                      for c in cols[1:]] for name, s in scores.items()]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths)), "  ".join("-" * w for w in widths)]
+    return "\n".join(lines + ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows])
