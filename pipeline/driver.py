@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from . import manifest
 from .config import ConfigError, JobConfig
+from .ray_runtime import init_ray
 from .shards import Shard, resolve_shards
 from .storage import check_reachable, protocol_of, worker_env
 from .presets import error_bound, pca_components
@@ -125,27 +126,6 @@ def _write_previews(config: JobConfig, store: OutputStore) -> None:
         log.info("wrote %d preview(s) to %s", len(paths), store.url_of("previews"))
     except Exception as exc:  # noqa: BLE001 - pictures must never fail a finished job
         log.warning("could not write previews: %s: %s", type(exc).__name__, exc)
-
-
-def _init_ray() -> None:
-    """Connects to the cluster named by RAY_ADDRESS (as `ray job submit` sets), else starts a local one.
-
-    A local instance keeps to the loopback interface: a single-machine run has no reason to listen on
-    or talk over the network (Ray otherwise picks the machine's external address).
-    """
-    address = os.environ.get("RAY_ADDRESS")
-    if not address:
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray's switch for loopback-only nodes
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address:
-        log.info("connecting to the Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=True)
-    else:
-        log.info("starting a local Ray instance")
-        ray.init(include_dashboard=False, log_to_driver=True)
 
 
 def _actor_layout(config: JobConfig) -> tuple[int, float, float]:
@@ -394,7 +374,7 @@ def run_job(config: JobConfig) -> RunSummary:
 
     preset_info: dict = {}
     if pending and (budget is None or budget > 0):
-        _init_ray()
+        init_ray()
         import ray
 
         actors = _start_actors(config, len(pending))

@@ -219,26 +219,14 @@ def _ray_worker(config: dict) -> None:
 
 def run_ray(cfg: TrainJobConfig) -> None:
     """Data-parallel training with Ray Train: one TorchTrainer worker (process) per --num-workers."""
-    import os
     import tempfile
 
-    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
-    if not address:
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray's switch for loopback-only nodes
-    import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from .storage import worker_env
+    from .ray_runtime import init_ray
 
-    if not ray.is_initialized():
-        env = {"env_vars": worker_env()} if worker_env() else None
-        if address:
-            log.info("connecting to the Ray cluster at %s", address)
-            ray.init(address=address, runtime_env=env)
-        else:
-            log.info("starting a local Ray instance")
-            ray.init(include_dashboard=False, runtime_env=env)
+    init_ray(cfg.ray_address)
     # the output was checked before work started, so a restarted worker group resumes from its checkpoint
     trainer = TorchTrainer(_ray_worker, train_loop_config={"job": {**asdict(cfg), "resume": True}},
                            scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .dataset import FeatureCache, LabelledFeatures
+from .ray_runtime import init_ray
 from .storage import filesystem
 
 log = logging.getLogger(__name__)
@@ -149,7 +150,6 @@ def run_probe_ray(config: ProbeJobConfig) -> dict:
     """The same training, data-parallel over `config.ray_workers` Ray Train workers (TorchTrainer)."""
     import tempfile
 
-    import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -160,8 +160,7 @@ def run_probe_ray(config: ProbeJobConfig) -> dict:
     output = config.output or tempfile.mkdtemp(prefix="featup-probe-out-")
     loop_config = {**asdict(config), "classes": classes, "ray_workers": 0, "workers": 0, "output": output,
                    "storage_options": dict(config.storage_options)}
-    if not ray.is_initialized():
-        ray.init()
+    init_ray()
     t0 = time.perf_counter()
     trainer = TorchTrainer(
         _ray_train_loop, train_loop_config=loop_config,
