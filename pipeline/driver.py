@@ -1,9 +1,10 @@
 """The job's driver: validate everything, start GPU-pinned Ray actors, schedule shards, assemble the result.
 
 Works the same under a local `ray.init()` and inside `ray job submit` against a running cluster (where
-RAY_ADDRESS is set). Shards are handed out with at most two in flight per actor (one running, one
-queued, so an actor never idles between shards). A shard whose actor died is retried on another (Ray
-restarts the dead one); committed shards of an earlier, interrupted run are skipped.
+RAY_ADDRESS is set). Each actor works on two shards at once: the model runs one batch at a time while
+the next shard streams in and decodes and the last one drains its writes and commits, so the accelerator
+never idles at shard boundaries. A shard whose actor died is retried (Ray restarts the dead actor, and it
+gets work again once it answers); committed shards of an earlier, interrupted run are skipped.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from .store import MANIFEST_NAME, RUN_NAME, UPSAMPLER_NAME, OutputStore
 from .worker import ShardProcessor, ShardResult, ShardTask, build_model
 
 log = logging.getLogger(__name__)
-IN_FLIGHT_PER_ACTOR = 2
+IN_FLIGHT_PER_ACTOR = 2  # shards per actor at once: one computes while the other streams in or drains
 STATUS_POLL_S = 2.0
 
 
@@ -178,7 +179,7 @@ def _start_actors(config: JobConfig, shards_to_do: int) -> list:
 
     n_actors, gpus, cpus = _actor_layout(config)
     n_actors = min(n_actors, max(1, shards_to_do))
-    remote_cls = ray.remote(concurrency_groups={"compute": 1, "status": 1})(ShardWorker)
+    remote_cls = ray.remote(concurrency_groups={"compute": IN_FLIGHT_PER_ACTOR, "status": 1})(ShardWorker)
     actor_opts = dict(num_gpus=gpus, num_cpus=cpus, max_restarts=config.max_actor_restarts, max_task_retries=0,
                       runtime_env={"env_vars": worker_env()})
     return [remote_cls.options(**actor_opts).remote(config, int(cpus)) for _ in range(n_actors)]

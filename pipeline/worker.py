@@ -227,7 +227,10 @@ class ShardProcessor:
         self.lr_hw = self.model.lowres_size(size, size)
         self._preset: Preset | None = None
         self.pool = ThreadPoolExecutor(max_workers=config.decode_threads, thread_name_prefix="decode")
-        self.status = {"shard": None, "samples": 0}
+        self._progress: dict[str, int] = {}  # samples read so far, per shard in progress
+        # Two shards may be in progress on one processor (the next one streams and decodes, the last one
+        # drains its writes and commits); the model runs one batch at a time.
+        self._model_lock = threading.Lock()
         self._compute(np.zeros((1, size, size, 3), dtype=np.uint8))  # builds/loads the fused kernels now
 
     @property
@@ -247,15 +250,31 @@ class ShardProcessor:
             specs.append(ArraySpec(LABELS_GROUP, self.hr_hw, "uint16"))
         return specs
 
-    def _compute(self, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """uint8 (B,H,W,3) -> (low-res, high-res features, ImageNet-normalised images) on the device."""
-        x = torch.from_numpy(images).to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
-        lowres, highres = self.model(x, compute_dtype=self.compute_dtype)
-        return lowres, highres, self.model.guidance(x)
+    @property
+    def status(self) -> dict:
+        """What this processor is working on, for the driver's progress bar."""
+        progress = dict(self._progress)
+        return {"shards": sorted(progress), "samples": sum(progress.values())}
 
-    def _encode(self, images: np.ndarray, items: list[_Decoded]) -> tuple[dict[str, np.ndarray], list[bool]]:
+    def _compute(self, images: np.ndarray, timing: list[float] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """uint8 (B,H,W,3) -> (low-res, high-res features, ImageNet-normalised images) on the device.
+        `timing` gets the seconds the model ran (not the wait for another shard's batch)."""
+        with self._model_lock:
+            t = time.perf_counter()
+            x = torch.from_numpy(images).to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+            lowres, highres = self.model(x, compute_dtype=self.compute_dtype)
+            guidance = self.model.guidance(x)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            if timing is not None:
+                timing.append(time.perf_counter() - t)
+            return lowres, highres, guidance
+
+    def _encode(self, images: np.ndarray, items: list[_Decoded], timing: list[float] | None = None
+                ) -> tuple[dict[str, np.ndarray], list[bool]]:
         """A batch -> arrays by group, and whether each sample has a label."""
-        lowres, highres, guidance = self._compute(images)
+        lowres, highres, guidance = self._compute(images, timing)
         out = self.preset.encode(highres, images)
         if LOWRES_GROUP in {s.group for s in self._specs()}:
             out[LOWRES_GROUP] = lowres.to(getattr(torch, self.preset.lowres_dtype())).cpu().numpy()
@@ -315,6 +334,12 @@ class ShardProcessor:
     def process(self, task: ShardTask, should_stop: Callable[[], bool] | None = None) -> ShardResult:
         """Streams, computes and writes one shard, then commits it. `should_stop` is polled per sample:
         when it says so the attempt is abandoned uncommitted (its arrays are garbage-collected later)."""
+        try:
+            return self._process(task, should_stop)
+        finally:
+            self._progress.pop(task.shard.shard_id, None)
+
+    def _process(self, task: ShardTask, should_stop: Callable[[], bool] | None) -> ShardResult:
         shard, cfg = task.shard, self.config
         t0 = time.perf_counter()
         result = ShardResult(shard.shard_id, shard.url)
@@ -330,14 +355,15 @@ class ShardProcessor:
         rows: list[dict] = []
         keys: list[str] = []
         batch: list[_Decoded] = []
-        self.status = {"shard": shard.shard_id, "samples": 0}
+        started_at = time.time()
+        self._progress[shard.shard_id] = 0
 
         def flush() -> None:
             if not batch:
                 return
-            t = time.perf_counter()
-            arrays, has_label = self._encode(np.stack([b.image for b in batch]), batch)
-            result.compute_seconds += time.perf_counter() - t
+            timing: list[float] = []
+            arrays, has_label = self._encode(np.stack([b.image for b in batch]), batch, timing)
+            result.compute_seconds += sum(timing)
             writer.put(arrays)
             result.bytes_written += sum(a.nbytes for a in arrays.values())
             for item, labelled in zip(batch, has_label):
@@ -356,7 +382,7 @@ class ShardProcessor:
                 if should_stop is not None and should_stop():
                     raise ShardAborted(f"{shard.url}: abandoned, the job that asked for it is gone")
                 result.samples_read += 1
-                self.status["samples"] = result.samples_read
+                self._progress[shard.shard_id] = result.samples_read
                 if item.error is not None:
                     rows.append(manifest.error_row(item.key, shard.shard_id, shard.url, item.sample_index, item.error))
                     continue
@@ -392,8 +418,7 @@ class ShardProcessor:
             "samples_read": result.samples_read, "ok": result.ok, "errors": result.errors,
             "expected_samples": shard.expected_samples, "shard_error": result.shard_error,
             "seconds": round(result.seconds, 3), "compute_seconds": round(result.compute_seconds, 3),
-            "bytes_uncompressed": result.bytes_written, "committed_at": time.time(),
+            "bytes_uncompressed": result.bytes_written, "started_at": started_at, "committed_at": time.time(),
         }
         self.store.commit(shard.shard_id, result.commit)
-        self.status = {"shard": None, "samples": 0}
         return result

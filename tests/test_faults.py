@@ -78,10 +78,13 @@ def test_actor_killed_mid_shard_is_retried(ray_local, many_shards, tmp_path):
             feats = out / "features"
             partial = [p for p in feats.iterdir() if p.is_dir() and p.name.rsplit("_", 1)[0] not in commits
                        and (p / "c").exists()] if feats.exists() else []
-            busy = [p for p in _shard_workers() if "ShardWorker.process" in " ".join(p.cmdline())]
-            if partial and busy:  # a shard has rows on storage but no commit: kill its worker now
-                busy[0].send_signal(signal.SIGKILL)
-                killed.append(busy[0].pid)
+            workers = _shard_workers()
+            if partial and workers:
+                # A shard has rows on storage but no commit: kill every worker, the one writing it included
+                # (each actor runs two shards at once, so its process title no longer names the busy method).
+                for proc in workers:
+                    proc.send_signal(signal.SIGKILL)
+                    killed.append(proc.pid)
             time.sleep(0.02)
 
     thread = threading.Thread(target=killer, daemon=True)
