@@ -76,7 +76,7 @@ def main() -> None:
     from featup_ops import FeatureModel
     from pipeline.config import JobConfig
     from pipeline.driver import run_job
-    from pipeline.images import load_sample_image
+    from pipeline.images import images_to_tensor, load_sample_image
     from pipeline.shard_writer import write_shards
 
     fs = s3fs.S3FileSystem()
@@ -93,8 +93,7 @@ def main() -> None:
 
     def compute_all() -> None:
         for i in range(0, len(images), args.batch_size):
-            x = torch.from_numpy(images[i: i + args.batch_size]).permute(0, 3, 1, 2).float().div_(255)
-            _, hr = model(x)
+            _, hr = model(images_to_tensor(images[i: i + args.batch_size]))
             hr.to(dtype)
 
     compute_all_first = harness.time_it(lambda: compute_all(), repeat=1, warmup=1)

@@ -121,7 +121,7 @@ class AreaDownsampler(nn.Module):
 
     def forward(self, hr: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
         _check(hr, out_size, self.kernel_size, self.n_models)
-        return F.avg_pool2d(hr, self.kernel_size)
+        return area_downsample(hr, out_size)
 
 
 DOWNSAMPLERS = ("attention", "simple", "area")

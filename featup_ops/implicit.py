@@ -34,12 +34,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .backbones import Backbone
+from .backbones import Backbone, imagenet_normalize
 from .downsamplers import DOWNSAMPLERS, create_downsampler
 from .jitter import Jitter, JitterSpec, sample_jitter
 from .losses import UncertaintyHead, blur_prior, magnitude_prior, total_variation, uncertainty_loss
 from .model import UpsamplerError, register_upsampler
-from .backbones import imagenet_normalize
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +298,8 @@ def fit_implicit(backbone: Backbone, images01: torch.Tensor, config: ImplicitCon
         final_error = torch.full((N,), float("nan"), dtype=torch.float64)
         Vs = cfg.views_per_step
         mlp.train(), down.train()
-        bar = tqdm(total=cfg.steps, desc=f"implicit fit x{N}", disable=not cfg.progress or os.environ.get("TQDM_DISABLE") == "1", dynamic_ncols=True)
+        quiet = not cfg.progress or os.environ.get("TQDM_DISABLE") == "1"
+        bar = tqdm(total=cfg.steps, desc=f"implicit fit x{N}", disable=quiet, dynamic_ncols=True)
         for step in range(cfg.steps):
             pick = torch.randint(0, cfg.total_views, (N, Vs), generator=generator).to(device)
             theta = thetas.gather(1, pick[..., None, None].expand(N, Vs, 2, 3)).reshape(N * Vs, 2, 3)

@@ -9,9 +9,13 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "pgm", "gif")
 UNSUPPORTED_IMAGE_EXTENSIONS = ("heic", "heif", "avif", "svg", "jp2", "jxl", "psd", "raw", "cr2", "nef", "dng")
@@ -136,6 +140,15 @@ LABEL_EXTENSIONS = ("seg.png", "label.png", "labels.png", "mask.png")
 _EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
                    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
                    8: Image.Transpose.ROTATE_90}
+
+
+def images_to_tensor(images: np.ndarray | list[np.ndarray], device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 RGB images (B,H,W,3), as an array or a list -> float (B,3,H,W) in [0,1] on `device`
+    (moved as uint8, a quarter of the bytes, and converted there)."""
+    import torch  # here, so that decoding alone (make_shards) does not load torch
+
+    batch = torch.from_numpy(np.stack(images) if isinstance(images, list) else images)
+    return batch.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
 
 
 def find_label(sample: dict) -> bytes | None:

@@ -89,7 +89,7 @@ class TrainJobConfig:
 # ---- data ---------------------------------------------------------------------------------------------------------
 def image_batches(cfg: TrainJobConfig, rank: int = 0, world: int = 1) -> Iterator[torch.Tensor]:
     """Endless, shuffled (B,3,S,S) [0,1] batches from this worker's share of the shards (resize + centre crop)."""
-    from .images import SampleError, load_sample_image
+    from .images import SampleError, images_to_tensor, load_sample_image
     from .shards import iter_samples, resolve_shards
 
     shards = resolve_shards(cfg.input, cfg.storage_options)
@@ -118,7 +118,7 @@ def image_batches(cfg: TrainJobConfig, rank: int = 0, world: int = 1) -> Iterato
                 if len(buffer) >= cfg.shuffle_buffer:
                     batch.append(buffer.pop(rng.randrange(len(buffer))))
                 if len(batch) == cfg.batch_size:
-                    yield _to_tensor(batch)
+                    yield images_to_tensor(batch)
                     batch = []
         if produced == 0:
             raise RuntimeError(f"worker {rank}: no usable image in {len(mine)} shard(s) ({skipped} skipped)")
@@ -126,12 +126,8 @@ def image_batches(cfg: TrainJobConfig, rank: int = 0, world: int = 1) -> Iterato
         while buffer:
             batch.append(buffer.pop())
             if len(batch) == cfg.batch_size:
-                yield _to_tensor(batch)
+                yield images_to_tensor(batch)
                 batch = []
-
-
-def _to_tensor(images: list[np.ndarray]) -> torch.Tensor:
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(255)
 
 
 # ---- training -----------------------------------------------------------------------------------------------------

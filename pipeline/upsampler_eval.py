@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError
-from .images import SampleError, load_sample_image
+from .images import SampleError, images_to_tensor, load_sample_image
 from .shards import InputError, iter_samples, resolve_shards
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ def load_images(cfg: EvalConfig) -> list[np.ndarray]:
 
 def batches(images: list[np.ndarray], batch_size: int) -> Iterator[torch.Tensor]:
     for lo in range(0, len(images), batch_size):
-        yield torch.from_numpy(np.stack(images[lo:lo + batch_size])).permute(0, 3, 1, 2).float().div_(255)
+        yield images_to_tensor(images[lo:lo + batch_size])
 
 
 def evaluate(cfg: EvalConfig) -> dict[str, dict]:

@@ -21,7 +21,9 @@ import torch
 
 from . import manifest
 from .config import JobConfig
-from .images import Geometry, SampleError, align_label, decode_label, find_label, load_sample_image
+from .images import (
+    Geometry, SampleError, align_label, decode_label, find_label, images_to_tensor, load_sample_image,
+)
 from .presets import ArraySpec, Preset, fit_pca, pca_components
 from .shards import Shard, TruncatedShardError, iter_samples
 from .store import FEATURES_GROUP, LABELS_GROUP, LOWRES_GROUP, OutputStore
@@ -262,7 +264,7 @@ class ShardProcessor:
         `timing` gets the seconds the model ran (not the wait for another shard's batch)."""
         with self._model_lock:
             t = time.perf_counter()
-            x = torch.from_numpy(images).to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+            x = images_to_tensor(images, self.device)
             lowres, highres = self.model(x, compute_dtype=self.compute_dtype)
             guidance = self.model.guidance(x)
             if self.device.type == "cuda":
