@@ -33,7 +33,7 @@ def _samples(n: int):
     """n distinct samples from the shipped photographs (crops and flips make them distinct images)."""
     import numpy as np
 
-    from pipeline.demo import COLOR_PHOTOS, GRAY_PHOTOS, encode, photo
+    from pipeline.ingest.sample_photos import COLOR_PHOTOS, GRAY_PHOTOS, encode, photo
 
     names = COLOR_PHOTOS + GRAY_PHOTOS
     for i in range(n):
@@ -74,10 +74,10 @@ def main() -> None:
     import torch
 
     from featup_ops import FeatureModel
-    from pipeline.config import JobConfig
-    from pipeline.driver import run_job
-    from pipeline.images import images_to_tensor, load_sample_image
-    from pipeline.shard_writer import write_shards
+    from pipeline.caching.driver import run_job
+    from pipeline.caching.job_config import JobConfig
+    from pipeline.ingest.shard_writer import write_shards
+    from pipeline.storage.images import images_to_tensor, load_sample_image
 
     fs = s3fs.S3FileSystem()
     fs.mkdir("bench")

@@ -46,7 +46,7 @@ def training_samples(image_size: int, crops: int, seed: int = 0):
     """Random square crops (35-100% of the short side, random flips) of the training photographs."""
     import numpy as np
 
-    from pipeline.demo import COLOR_PHOTOS, GRAY_PHOTOS, encode, photo
+    from pipeline.ingest.sample_photos import COLOR_PHOTOS, GRAY_PHOTOS, encode, photo
 
     names = [n for n in COLOR_PHOTOS + GRAY_PHOTOS if n not in HELDOUT_SKIMAGE]
     arrays = {}
@@ -69,7 +69,7 @@ def training_samples(image_size: int, crops: int, seed: int = 0):
 def heldout_samples():
     from sklearn.datasets import load_sample_image
 
-    from pipeline.demo import encode, photo_samples
+    from pipeline.ingest.sample_photos import encode, photo_samples
 
     yield from photo_samples(HELDOUT_SKIMAGE)
     for name in HELDOUT_SKLEARN:
@@ -77,7 +77,7 @@ def heldout_samples():
 
 
 def prepare(work: Path, image_size: int, crops: int) -> tuple[str, str]:
-    from pipeline.shard_writer import write_shards
+    from pipeline.ingest.shard_writer import write_shards
 
     train_dir, held_dir = work / "train", work / "heldout"
     if not (train_dir / "index.json").exists():

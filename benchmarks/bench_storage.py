@@ -34,7 +34,7 @@ def _du(path: Path) -> int:
 
 
 def _probe(cache, epochs: int, batch_size: int, workers: int) -> dict:
-    from pipeline.probing import ProbeJobConfig, run_probe
+    from pipeline.workflows.probe_on_cache import ProbeJobConfig, run_probe
 
     return run_probe(ProbeJobConfig(cache=cache.url, epochs=epochs, batch_size=batch_size, workers=workers,
                                     lr=0.05, val_fraction=0.25, classes=8))
@@ -44,7 +44,7 @@ def _read_rate(cache, workers: int, batch_size: int, crop: int | None = None) ->
     """Steady-state images/s of the training DataLoader: the second pass, after the workers have started."""
     import torch
 
-    from pipeline.dataset import LabelledFeatures
+    from pipeline.reading.feature_cache import LabelledFeatures
 
     loader = torch.utils.data.DataLoader(LabelledFeatures(cache, crop_size=crop), batch_size=batch_size,
                                          num_workers=workers, shuffle=True, persistent_workers=workers > 0,
@@ -61,8 +61,8 @@ def _train_rate(cache, batch_size: int, crop: int | None = None, steps: int = 20
     import torch
     import torch.nn.functional as F
 
-    from featup_ops.probe import LinearProbe
-    from pipeline.dataset import LabelledFeatures
+    from featup_ops.linear_probe import LinearProbe
+    from pipeline.reading.feature_cache import LabelledFeatures
 
     data = LabelledFeatures(cache, cache.keys()[:batch_size], crop_size=crop)
     feats = torch.stack([data[i][0] for i in range(batch_size)]).float()
@@ -105,11 +105,12 @@ def main() -> None:
     import shutil
 
     from bench_pipeline import _samples
-    from pipeline.config import JobConfig
-    from pipeline.dataset import FeatureCache
-    from pipeline.demo import shipped_oracle_jbu
-    from pipeline.driver import run_job
-    from pipeline.shard_writer import write_shards
+
+    from featup_ops import shipped_oracle_jbu
+    from pipeline.caching.driver import run_job
+    from pipeline.caching.job_config import JobConfig
+    from pipeline.ingest.shard_writer import write_shards
+    from pipeline.reading.feature_cache import FeatureCache
 
     work = Path(args.work_dir)
     shutil.rmtree(work, ignore_errors=True)

@@ -5,21 +5,38 @@ Pure PyTorch: nothing here knows about Ray, storage or shards; the data plane us
 
 from . import implicit as _implicit  # noqa: F401 - registers the `implicit` upsampler
 from . import oracle as _oracle  # noqa: F401 - registers the `oracle` backbone
-from .backbones import Backbone, BackboneError, create_backbone, list_backbones, register_backbone
+from .backbones import (
+    Backbone,
+    BackboneError,
+    create_backbone,
+    list_backbones,
+    register_backbone,
+)
 from .baselines import Bicubic, Bilinear, InterpolationUpsampler
-from .checkpoints import CheckpointError, load_jbu, save_jbu
-from .downsamplers import AttentionDownsampler, SimpleDownsampler, area_downsample, create_downsampler
+from .checkpoints import CheckpointError, load_jbu, save_jbu, shipped_oracle_jbu
+from .downsamplers import (
+    AttentionDownsampler,
+    SimpleDownsampler,
+    area_downsample,
+    create_downsampler,
+)
 from .implicit import ImplicitConfig, ImplicitFit, ImplicitUpsampler, fit_implicit
 from .jbu import JBULayer, JBUStack
 from .jitter import Jitter, JitterSpec, sample_jitter
 from .layers import ChannelNorm
 from .model import FeatureModel, UpsamplerError, create_upsampler, list_upsamplers
-from .training import MultiViewTrainer, TrainConfig, load_checkpoint, save_checkpoint, train
+from .multiview_trainer import (
+    MultiViewTrainer,
+    TrainConfig,
+    load_checkpoint,
+    save_checkpoint,
+    train,
+)
 
 __all__ = [
     "Backbone", "BackboneError", "create_backbone", "list_backbones", "register_backbone",
     "Bicubic", "Bilinear", "InterpolationUpsampler",
-    "CheckpointError", "load_jbu", "save_jbu",
+    "CheckpointError", "load_jbu", "save_jbu", "shipped_oracle_jbu",
     "AttentionDownsampler", "SimpleDownsampler", "area_downsample", "create_downsampler",
     "ImplicitConfig", "ImplicitFit", "ImplicitUpsampler", "fit_implicit",
     "JBULayer", "JBUStack", "Jitter", "JitterSpec", "sample_jitter", "ChannelNorm",

@@ -13,6 +13,7 @@ random model. Custom backbones (e.g. the `oracle`) join through `register_backbo
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -71,6 +72,9 @@ def register_backbone(name: str) -> Callable[[BackboneFactory], BackboneFactory]
     """Registers `factory(weights=None, random_init=False, storage_options=None, **kwargs) -> Backbone`."""
 
     def wrap(factory: BackboneFactory) -> BackboneFactory:
+        if name in _FACTORIES or name in PRESETS:
+            warnings.warn(f"backbone {name!r} registered twice: {factory.__module__}.{factory.__qualname__} "
+                          "replaces the earlier definition", stacklevel=2)
         _FACTORIES[name] = factory
         return factory
 

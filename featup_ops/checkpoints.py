@@ -15,6 +15,7 @@ import io
 import json
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -142,3 +143,11 @@ def save_jbu(model: JBUStack, url: str, storage_options: Mapping[str, Any] | Non
     data = save_safetensors_bytes(state, metadata=metadata)
     with fsspec.open(url, "wb", auto_mkdir=True, **dict(storage_options or {})) as f:
         f.write(data)
+
+
+def shipped_oracle_jbu() -> str:
+    """Path of the JBU stack trained for the `oracle` backbone that ships inside this package."""
+    path = Path(__file__).parent / "weights" / "oracle_jbu.safetensors"
+    if not path.exists():
+        raise CheckpointError(f"{path} is missing: reinstall the package (pip install -e .) to get its weights")
+    return str(path)

@@ -1,7 +1,7 @@
 """Learned downsamplers: high-res features (B,C,H,W) -> the backbone's grid (B,C,h,w), H = h*k.
 
 They model how the backbone pools a k x k patch, so that downsampled upsampler output can be compared
-with the backbone's own low-res features (shared/METHOD.md). k is the upsampler's scale (16), which is
+with the backbone's own low-res features (FeatUp, Fu et al., ICLR 2024). k is the upsampler's scale (16), which is
 not the backbone's patch size in general. Both take `n_models`: their parameters carry a leading axis so
 that N independent models (the batched implicit fitter) run in one call on a batch of N*V maps, grouped
 model-major (the first V maps belong to model 0).

@@ -3,7 +3,7 @@
     fit = fit_implicit(backbone, images01, ImplicitConfig())     # N images fitted at once, one batched model
     hr = fit.render(images01, size=(448, 448))                   # (N, C, 448, 448) at any resolution
 
-The network and loss follow shared/METHOD.md: Fourier features of (y, x, R, G, B) (30 frequencies
+The network and loss follow the FeatUp paper (Fu et al., ICLR 2024) and its reference code's settings: Fourier features of (y, x, R, G, B) (30 frequencies
 exp(linspace(-2, 10, 30)), sin and cos with a learned per-frequency phase, raw RGB appended: 303
 channels), an MLP of 1x1 layers (ChannelNorm, Dropout2d 0.2, 303->128, ReLU, Dropout2d 0.2, ChannelNorm,
 128->128, ReLU, 128->D) predicting features in a D<=128 dimensional PCA space of the image's view features,
@@ -23,7 +23,6 @@ import contextlib
 import dataclasses
 import logging
 import math
-import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -37,7 +36,13 @@ from tqdm.auto import tqdm
 from .backbones import Backbone, imagenet_normalize
 from .downsamplers import DOWNSAMPLERS, create_downsampler
 from .jitter import Jitter, JitterSpec, sample_jitter
-from .losses import UncertaintyHead, blur_prior, magnitude_prior, total_variation, uncertainty_loss
+from .losses import (
+    UncertaintyHead,
+    blur_prior,
+    magnitude_prior,
+    total_variation,
+    uncertainty_loss,
+)
 from .model import UpsamplerError, register_upsampler
 
 log = logging.getLogger(__name__)
@@ -76,7 +81,7 @@ class ImplicitConfig:
 
     @classmethod
     def reference(cls, **overrides: Any) -> "ImplicitConfig":
-        """The reference implementation's settings (METHOD.md): 1,200 steps, 10 views, 3,000 views, lr 2e-3."""
+        """The FeatUp reference implementation's settings: 1,200 steps, 10 views, 3,000 views, lr 2e-3."""
         base = dict(steps=1200, views_per_step=10, total_views=3000, pca_views=50, lr=2e-3, fit_scale=16,
                     early_stop=False, batch_size=1)
         base.update(overrides)
@@ -298,8 +303,8 @@ def fit_implicit(backbone: Backbone, images01: torch.Tensor, config: ImplicitCon
         final_error = torch.full((N,), float("nan"), dtype=torch.float64)
         Vs = cfg.views_per_step
         mlp.train(), down.train()
-        quiet = not cfg.progress or os.environ.get("TQDM_DISABLE") == "1"
-        bar = tqdm(total=cfg.steps, desc=f"implicit fit x{N}", disable=quiet, dynamic_ncols=True)
+        off = {} if cfg.progress else {"disable": True}  # else tqdm's own TQDM_* environment decides
+        bar = tqdm(total=cfg.steps, desc=f"implicit fit x{N}", dynamic_ncols=True, **off)
         for step in range(cfg.steps):
             pick = torch.randint(0, cfg.total_views, (N, Vs), generator=generator).to(device)
             theta = thetas.gather(1, pick[..., None, None].expand(N, Vs, 2, 3)).reshape(N * Vs, 2, 3)

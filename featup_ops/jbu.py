@@ -1,6 +1,6 @@
 """The JBU upsampler: joint bilateral upsampling with a learned range kernel, stacked 2x stages.
 
-See shared/METHOD.md ("JBU layer"). The per-pixel filtering runs on `cuda_ext.adaptive_conv` and the
+FeatUp's JBU layer (Fu et al., ICLR 2024, Sec. 3.2). The per-pixel filtering runs on `cuda_ext.adaptive_conv` and the
 range kernel's neighbourhood dot products on `cuda_ext.local_dot`, so no (B, C, 49, H, W) tensor is
 ever materialised.
 """

@@ -2,7 +2,7 @@
 
 A jitter is an affine map of normalised coordinates ([-1, 1] spans the image, align_corners=False), so one
 jitter applies to any resolution: the image (B,3,H,W) and its 16x features (B,C,H',W') move together.
-Samples outside the image are reflected, as FeatUp's reflect-pad-then-crop does. See shared/METHOD.md.
+Samples outside the image are reflected, as FeatUp's reflect-pad-then-crop does (Fu et al., ICLR 2024).
 
     jitter = sample_jitter(batch=4, image_size=224, generator=g)     # one transform for the whole batch
     view, hr_view = jitter(images), jitter(hr)

@@ -1,4 +1,4 @@
-"""The multi-view reconstruction loss and the priors of shared/METHOD.md.
+"""The multi-view reconstruction loss and the priors of FeatUp (Fu et al., ICLR 2024).
 
     s = head(lr_view)                                   # uncertainty, (B,1,h,w)
     loss = uncertainty_loss(project(down, P), project(lr_view, P), s)

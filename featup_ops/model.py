@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -37,6 +38,9 @@ def register_upsampler(name: str, description: str) -> Callable[[UpsamplerFactor
     """Registers `factory(dim, weights=None, random_init=False, storage_options=None, **kw) -> module`."""
 
     def wrap(factory: UpsamplerFactory) -> UpsamplerFactory:
+        if name in _UPSAMPLERS:
+            warnings.warn(f"upsampler {name!r} registered twice: {factory.__module__}.{factory.__qualname__} replaces "
+                          f"{_UPSAMPLERS[name][0].__module__}.{_UPSAMPLERS[name][0].__qualname__}", stacklevel=2)
         _UPSAMPLERS[name] = (factory, description)
         return factory
 

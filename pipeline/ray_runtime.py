@@ -6,7 +6,7 @@ import json
 import logging
 import os
 
-from .storage import worker_env
+from pipeline.storage.filesystems import worker_env
 
 log = logging.getLogger(__name__)
 

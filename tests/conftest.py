@@ -98,8 +98,8 @@ def ray_local():
 @pytest.fixture(scope="session")
 def photo_shards(tmp_path_factory) -> Path:
     """Real photographs (scikit-image) in 3 shards with an index.json."""
-    from pipeline.demo import COLOR_PHOTOS, GRAY_PHOTOS, photo_samples
-    from pipeline.shard_writer import write_shards
+    from pipeline.ingest.sample_photos import COLOR_PHOTOS, GRAY_PHOTOS, photo_samples
+    from pipeline.ingest.shard_writer import write_shards
 
     root = tmp_path_factory.mktemp("photo_shards")
     names = COLOR_PHOTOS[:5] + GRAY_PHOTOS[:4]

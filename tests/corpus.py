@@ -8,7 +8,7 @@ import json
 import numpy as np
 from PIL import Image
 
-from pipeline.demo import encode, photo
+from pipeline.ingest.sample_photos import encode, photo
 
 
 def _png(img: Image.Image) -> bytes:

@@ -107,3 +107,26 @@ def test_feature_model_lowres_and_highres_sizes():
     assert lr.shape == (2, 32, 4, 6) and hr.shape == (2, 32, 64, 96)
     assert model.output_size(64, 96) == (64, 96)
     assert model.describe()["weights"]["backbone"].startswith("oracle")
+
+
+def test_registering_a_name_twice_warns(recwarn):
+    from featup_ops.backbones import _FACTORIES, register_backbone
+    from featup_ops.model import _UPSAMPLERS, register_upsampler
+
+    def factory(**kwargs):
+        raise AssertionError("never built")
+
+    try:
+        register_backbone("dup_test_net")(factory)
+        register_upsampler("dup_test_up", "x")(factory)
+        assert not recwarn.list  # a first registration is silent
+        with pytest.warns(UserWarning, match="backbone 'dup_test_net' registered twice"):
+            register_backbone("dup_test_net")(factory)
+        with pytest.warns(UserWarning, match="upsampler 'dup_test_up' registered twice"):
+            register_upsampler("dup_test_up", "x")(factory)
+        with pytest.warns(UserWarning, match="backbone 'dinov2' registered twice"):
+            register_backbone("dinov2")(factory)  # a preset name counts too
+    finally:
+        for name in ("dup_test_net", "dinov2"):
+            _FACTORIES.pop(name, None)
+        _UPSAMPLERS.pop("dup_test_up", None)

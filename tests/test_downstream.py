@@ -11,14 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.coco import rasterize, rle_counts_from_string, rle_decode
-from pipeline.config import ConfigError
-from pipeline.dataset import FeatureCache, LabelledFeatures, split_keys
-from pipeline.demo import photo_samples
-from pipeline.driver import run_job
-from pipeline.shard_writer import write_shards
-
-from .test_job import job_config
+from pipeline.caching.driver import run_job
+from pipeline.caching.job_config import ConfigError
+from pipeline.ingest.coco import rasterize, rle_counts_from_string, rle_decode
+from pipeline.ingest.sample_photos import photo_samples
+from pipeline.ingest.shard_writer import write_shards
+from pipeline.reading.feature_cache import FeatureCache, LabelledFeatures, split_keys
+from tests.test_job import job_config
 
 
 def _png(arr: np.ndarray, mode: str | None = None) -> bytes:
@@ -124,8 +123,8 @@ def test_coco_rle_and_polygon_rasterisation():
 def test_make_shards_writes_labels(tmp_path):
     import make_shards
 
-    from pipeline.demo import photo
-    from pipeline.shards import iter_samples
+    from pipeline.ingest.sample_photos import photo
+    from pipeline.storage.shards import iter_samples
 
     images = tmp_path / "imgs"
     images.mkdir()
@@ -238,7 +237,7 @@ def test_ray_data_path(ray_local, preset_caches):
 def test_probe_job_beats_chance(ray_local, tmp_path):
     import train_probe
 
-    from pipeline.demo import COLOR_PHOTOS, GRAY_PHOTOS
+    from pipeline.ingest.sample_photos import COLOR_PHOTOS, GRAY_PHOTOS
 
     write_shards(photo_samples(COLOR_PHOTOS + GRAY_PHOTOS), str(tmp_path / "s"), samples_per_shard=8, prefix="p")
     out = tmp_path / "truth.zarr"
@@ -254,7 +253,7 @@ def test_probe_job_beats_chance(ray_local, tmp_path):
     train, val = cache.split(0.25, 0)
     counts = np.bincount(np.concatenate([cache.labels(k).ravel() for k in train]), minlength=8)
     majority = int(np.argmax(counts))
-    from featup_ops.probe import SegmentationScore
+    from featup_ops.linear_probe import SegmentationScore
 
     conf = torch.zeros(8, 8, dtype=torch.int64)
     for k in val:
@@ -262,7 +261,7 @@ def test_probe_job_beats_chance(ray_local, tmp_path):
         conf[:, majority] += torch.bincount(lab, minlength=8)
     chance = SegmentationScore(conf)
     assert metrics["miou"] > chance.miou + 0.3 and metrics["pixel_accuracy"] > chance.pixel_accuracy + 0.2
-    from pipeline.probing import load_probe, predict
+    from pipeline.workflows.probe_on_cache import load_probe, predict
 
     probe = load_probe(str(tmp_path / "probe"))
     assert predict(probe, cache[val[0]]).shape == (64, 64)
@@ -278,7 +277,7 @@ def test_probe_refuses_a_cache_without_labels(ray_local, photo_shards, tmp_path)
 
 @pytest.mark.slow
 def test_probe_data_parallel_with_ray_train(ray_local, preset_caches, tmp_path):
-    from pipeline.probing import ProbeJobConfig, run_probe
+    from pipeline.workflows.probe_on_cache import ProbeJobConfig, run_probe
 
     metrics = run_probe(ProbeJobConfig(cache=preset_caches["float16"].url, output=str(tmp_path / "p"), epochs=2,
                                        batch_size=2, workers=0, ray_workers=2, val_fraction=0.3))

@@ -20,14 +20,13 @@ import numpy as np
 import psutil
 import pytest
 
-from pipeline.dataset import FeatureCache
-from pipeline.demo import COLOR_PHOTOS, GRAY_PHOTOS, photo_samples
-from pipeline.driver import run_job
-from pipeline.shard_writer import write_shards
-from pipeline.shards import resolve_shards
-
-from .conftest import ROOT, free_port
-from .test_job import expected_features, job_config
+from pipeline.caching.driver import run_job
+from pipeline.ingest.sample_photos import COLOR_PHOTOS, GRAY_PHOTOS, photo_samples
+from pipeline.ingest.shard_writer import write_shards
+from pipeline.reading.feature_cache import FeatureCache
+from pipeline.storage.shards import resolve_shards
+from tests.conftest import ROOT, free_port
+from tests.test_job import expected_features, job_config
 
 pytestmark = pytest.mark.slow
 PY = sys.executable

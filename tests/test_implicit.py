@@ -7,11 +7,17 @@ import torch
 import torch.nn.functional as F
 
 from featup_ops import FeatureModel, UpsamplerError, create_backbone, create_upsampler
-from featup_ops.evaluation import relative_error
-from featup_ops.implicit import BatchedImplicitMLP, ImplicitConfig, fit_implicit, fit_pca, from_pca, to_pca
 from featup_ops.backbones import imagenet_normalize
-
-from .test_multiview import photos
+from featup_ops.implicit import (
+    BatchedImplicitMLP,
+    ImplicitConfig,
+    fit_implicit,
+    fit_pca,
+    from_pca,
+    to_pca,
+)
+from featup_ops.upsampler_metrics import relative_error
+from tests.photos import photos
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,23 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.images import Geometry, SampleError, decode_image, load_sample_image, resize_and_crop
-from pipeline.shard_writer import write_shards
-from pipeline.shards import InputError, TruncatedShardError, expand_patterns, iter_samples, resolve_shards
-from pipeline.storage import StorageError
-
-from .corpus import BAD_KINDS, GOOD_KINDS, corpus_samples
+from pipeline.ingest.shard_writer import write_shards
+from pipeline.storage.filesystems import StorageError
+from pipeline.storage.images import (
+    Geometry,
+    SampleError,
+    decode_image,
+    load_sample_image,
+    resize_and_crop,
+)
+from pipeline.storage.shards import (
+    InputError,
+    TruncatedShardError,
+    expand_patterns,
+    iter_samples,
+    resolve_shards,
+)
+from tests.corpus import BAD_KINDS, GOOD_KINDS, corpus_samples
 
 
 def _keys(url: str) -> list[str]:
@@ -131,20 +142,20 @@ def test_bad_image_corpus():
 
 
 def test_exif_orientation_is_applied():
-    from .corpus import exif_rotated_jpeg
+    from tests.corpus import exif_rotated_jpeg
 
     rgb, _, orientation = decode_image(exif_rotated_jpeg())
     assert orientation == 6
     assert rgb.shape[:2] == (300, 200)  # upright: 300 tall, 200 wide
-    from pipeline.demo import photo
+    from pipeline.ingest.sample_photos import photo
 
     expected = photo("astronaut")[:300, :200].astype(float)
     assert np.abs(rgb.astype(float) - expected).mean() < 8  # same picture, JPEG noise only
 
 
 def test_sixteen_bit_is_rescaled_not_clipped():
-    from .corpus import sixteen_bit_png
-    from pipeline.demo import photo
+    from pipeline.ingest.sample_photos import photo
+    from tests.corpus import sixteen_bit_png
 
     rgb, mode, _ = decode_image(sixteen_bit_png())
     assert mode.startswith("I")
@@ -152,8 +163,9 @@ def test_sixteen_bit_is_rescaled_not_clipped():
 
 
 def test_alpha_is_composited_on_white():
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     rgba = np.zeros((32, 32, 4), np.uint8)
     rgba[..., 0] = 255  # red, fully transparent

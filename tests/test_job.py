@@ -13,15 +13,15 @@ import torch
 import zarr
 
 from featup_ops import FeatureModel
-from pipeline.config import ConfigError, JobConfig
-from pipeline.dataset import CacheError, FeatureCache
-from pipeline.driver import run_job
-from pipeline.images import load_sample_image
-from pipeline.shard_writer import write_shards
-from pipeline.shards import iter_samples, resolve_shards
-from pipeline.store import OutputExistsError
-
-from .corpus import BAD_KINDS, GOOD_KINDS, corpus_samples
+from pipeline.caching.driver import run_job
+from pipeline.caching.job_config import JobConfig
+from pipeline.caching.output_store import OutputExistsError
+from pipeline.ingest.shard_writer import write_shards
+from pipeline.options import ConfigError, parse_config
+from pipeline.reading.feature_cache import CacheError, FeatureCache
+from pipeline.storage.images import load_sample_image
+from pipeline.storage.shards import iter_samples, resolve_shards
+from tests.corpus import BAD_KINDS, GOOD_KINDS, corpus_samples
 
 SIZE = 64
 
@@ -190,8 +190,8 @@ def test_refusals_before_any_work(ray_local, photo_shards, tmp_path, s3_endpoint
         run_job(job_config(good, tmp_path / "b", random_init=False))
     with pytest.raises(ConfigError, match="checkpoint not found"):
         run_job(job_config(good, tmp_path / "c", upsampler_weights=str(tmp_path / "missing.safetensors")))
-    from pipeline.shards import InputError
-    from pipeline.storage import StorageError
+    from pipeline.storage.filesystems import StorageError
+    from pipeline.storage.shards import InputError
 
     with pytest.raises(InputError):
         run_job(job_config([f"{photo_shards}/nope-{{0..3}}.tar"], tmp_path / "d"))
@@ -218,7 +218,7 @@ def test_reading_an_unfinished_cache_is_a_clear_error(tmp_path):
 
 
 def test_the_demo_runs(ray_local, tmp_path):
-    from pipeline.demo import demo_config
+    from pipeline.caching.demo import demo_config
 
     config = demo_config(tmp_path)
     summary = run_job(replace(config, image_size=64))
@@ -229,7 +229,7 @@ def test_the_demo_runs(ray_local, tmp_path):
 def test_implicit_upsampler_in_the_caching_job(ray_local, tmp_path):
     import upsample_coco
 
-    from pipeline.demo import photo_samples
+    from pipeline.ingest.sample_photos import photo_samples
 
     write_shards(photo_samples(("astronaut", "coffee")), str(tmp_path / "s"), prefix="imp")
     out = tmp_path / "implicit.zarr"
@@ -246,5 +246,4 @@ def test_implicit_upsampler_in_the_caching_job(ray_local, tmp_path):
                                                mode="bilinear")[0].numpy()
     assert np.abs(feats - bilinear).mean() > 1e-3  # fitted per image, not a plain resize
     with pytest.raises(ConfigError, match="only apply to --upsampler implicit"):
-        upsample_coco.config_from_args(upsample_coco.parse_args(["--input", "x", "--output", "y",
-                                                                 "--implicit-steps", "5"]))
+        parse_config(JobConfig, ["--input", "x", "--output", "y", "--implicit-steps", "5"]).validate()

@@ -8,23 +8,24 @@ import torch
 import torch.nn.functional as F
 
 from featup_ops import create_backbone
-from featup_ops.downsamplers import AttentionDownsampler, SimpleDownsampler, area_downsample, create_downsampler
+from featup_ops.downsamplers import (
+    AttentionDownsampler,
+    SimpleDownsampler,
+    area_downsample,
+    create_downsampler,
+)
 from featup_ops.jitter import Jitter, JitterSpec, identity, sample_jitter
 from featup_ops.losses import (
-    UncertaintyHead, blur_prior, magnitude_prior, project, random_projection, smoothness_prior, total_variation,
+    UncertaintyHead,
+    blur_prior,
+    magnitude_prior,
+    project,
+    random_projection,
+    smoothness_prior,
+    total_variation,
     uncertainty_loss,
 )
-from pipeline.demo import photo
-from pipeline.images import resize_and_crop
-
-
-def photos(names: tuple[str, ...], size: int) -> torch.Tensor:
-    out = []
-    for name in names:
-        arr = photo(name)
-        arr = np.stack([arr] * 3, -1) if arr.ndim == 2 else arr
-        out.append(torch.from_numpy(resize_and_crop(arr, size)[0].copy()).permute(2, 0, 1).float() / 255)
-    return torch.stack(out)
+from tests.photos import photos
 
 
 @pytest.fixture(scope="module")

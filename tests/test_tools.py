@@ -9,10 +9,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline.demo import photo
-from pipeline.shards import iter_samples, resolve_shards
-
-from .conftest import ROOT
+from pipeline.ingest.sample_photos import photo
+from pipeline.storage.shards import iter_samples, resolve_shards
+from tests.conftest import ROOT
 
 
 def _validate(config: dict) -> None:

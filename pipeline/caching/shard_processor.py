@@ -19,14 +19,26 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import manifest
-from .config import JobConfig
-from .images import (
-    Geometry, SampleError, align_label, decode_label, find_label, images_to_tensor, load_sample_image,
+from pipeline.caching import manifest
+from pipeline.caching.job_config import JobConfig
+from pipeline.caching.output_store import (
+    FEATURES_GROUP,
+    LABELS_GROUP,
+    LOWRES_GROUP,
+    OutputStore,
 )
-from .presets import ArraySpec, Preset, fit_pca, pca_components
-from .shards import Shard, TruncatedShardError, iter_samples
-from .store import FEATURES_GROUP, LABELS_GROUP, LOWRES_GROUP, OutputStore
+from pipeline.caching.presets import ArraySpec, Preset, fit_pca, pca_components
+from pipeline.storage.filesystems import protocol_of, resolve_options
+from pipeline.storage.images import (
+    Geometry,
+    SampleError,
+    align_label,
+    decode_label,
+    find_label,
+    images_to_tensor,
+    load_sample_image,
+)
+from pipeline.storage.shards import Shard, TruncatedShardError, iter_samples
 
 log = logging.getLogger(__name__)
 
@@ -204,12 +216,14 @@ def build_model(config: JobConfig):
     from featup_ops import FeatureModel
 
     options = dict(config.upsampler_options)
+    remote = next((u for u in (config.upsampler_weights, config.backbone_weights) if u and protocol_of(u) != "file"),
+                  None)  # the weights file whose storage options need resolving (endpoint, checksums)
     if config.upsampler == "implicit" and config.dtype != "float32":
         options.setdefault("compute_dtype", config.dtype)  # its fit runs its own autocast (GPU only)
     return FeatureModel.create(
         config.backbone, config.upsampler, backbone_weights=config.backbone_weights,
         upsampler_weights=config.upsampler_weights, random_init=config.random_init,
-        storage_options=config.storage_options, upsampler_options=options,
+        storage_options=resolve_options(remote, config.storage_options), upsampler_options=options,
         backbone_options=config.backbone_options)
 
 

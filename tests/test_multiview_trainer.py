@@ -1,27 +1,20 @@
-"""JBU training: the library loop, its checkpoints and resumption, and jobs/train_jbu.py end to end."""
+"""The multi-view JBU trainer as a library: loss, checkpoints, exact resumption (featup_ops.multiview_trainer)."""
 
 from __future__ import annotations
-
-import json
-import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 from featup_ops import FeatureModel, JBUStack, create_backbone, load_jbu
-from featup_ops.training import (
-    MultiViewTrainer, TrainConfig, checkpoint_exists, load_checkpoint, train,
+from featup_ops.multiview_trainer import (
+    MultiViewTrainer,
+    TrainConfig,
+    checkpoint_exists,
+    load_checkpoint,
+    train,
 )
-from pipeline.demo import photo_samples
-from pipeline.shard_writer import write_shards
-
-from .conftest import ROOT
-from .test_multiview import photos
-
-JOB = ROOT / "jobs" / "train_jbu.py"
+from tests.photos import photos
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +30,8 @@ def small_config(**kw) -> TrainConfig:
 
 def heldout_recon(trainer: MultiViewTrainer, images: torch.Tensor) -> float:
     """Reconstruction error of the upsampler on fixed views (eval mode, area downsampling)."""
-    from featup_ops.evaluation import reconstruction_sums
     from featup_ops.backbones import imagenet_normalize
+    from featup_ops.upsampler_metrics import reconstruction_sums
 
     trainer.upsampler.eval()
     with torch.no_grad():
@@ -110,69 +103,3 @@ def test_iterator_that_runs_dry_is_an_error(images):
     trainer = MultiViewTrainer(create_backbone("oracle"), small_config(steps=3))
     with pytest.raises(ValueError, match="iterator ended at step 1"):
         train(trainer, iter([images]), progress=False)
-
-
-# ---- the job -----------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("train_shards")
-    write_shards(photo_samples(("astronaut", "coffee", "camera", "rocket")), str(out), samples_per_shard=2)
-    return str(out / "shard-{000000..000001}.tar")
-
-
-def run_job(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(JOB), *args], capture_output=True, text=True, timeout=600)
-
-
-def test_job_trains_checkpoints_resumes_and_previews(shards, tmp_path):
-    out = str(tmp_path / "run")
-    common = ["--input", shards, "--backbone", "oracle", "--image-size", "64", "--batch-size", "2",
-              "--output", out, "--checkpoint-every", "2", "--preview-images", "2"]
-    proc = run_job(*common, "--steps", "3")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["steps"] == 3 and summary["backbone"] == "oracle"
-    assert summary["recipe"]["channel_norm"] is False                  # auto: off for the oracle
-    assert (tmp_path / "run" / "preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    stack = load_jbu(out)
-    assert stack.dim == 32
-
-    refused = run_job(*common, "--steps", "5")
-    assert refused.returncode != 0 and "--resume" in refused.stderr
-
-    proc = run_job(*common, "--steps", "5", "--resume")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resuming from" in proc.stderr and "at step 3 of 5" in proc.stderr
-    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 5
-    from safetensors import safe_open
-
-    with safe_open(str(tmp_path / "run" / "training_state.safetensors"), "pt") as f:
-        assert f.metadata()["step"] == "5"
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--steps", "0"], "--steps must be > 0"),
-    (["--backbone", "no_such_backbone_xyz"], "unknown backbone"),
-    (["--input", "/nonexistent/shard-000000.tar"], "do not exist"),
-])
-def test_job_refuses_bad_configuration_before_work(shards, tmp_path, args, message):
-    from .test_eval import load_job
-
-    base = {"--input": shards, "--backbone": "oracle", "--output": str(tmp_path / "o"), "--steps": "2"}
-    for flag, value in zip(args[::2], args[1::2]):
-        base[flag] = value
-    with pytest.raises(SystemExit, match=re.escape(message)):
-        load_job(JOB).main([x for kv in base.items() for x in kv])
-    assert not (tmp_path / "o").exists()
-
-
-@pytest.mark.slow
-def test_job_data_parallel_on_ray_train(shards, tmp_path):
-    """Two Ray Train workers (gloo all-reduce) on a local Ray instance."""
-    out = str(tmp_path / "ray_run")
-    proc = run_job("--input", shards, "--backbone", "oracle", "--image-size", "64", "--batch-size", "1",
-                   "--output", out, "--steps", "3", "--num-workers", "2", "--preview-images", "0")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    summary = json.loads((tmp_path / "ray_run" / "summary.json").read_text())
-    assert summary["workers"] == 2 and summary["steps"] == 3
-    assert load_jbu(out).dim == 32

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .backbones import Backbone, imagenet_normalize
-from .downsamplers import area_downsample
-from .jitter import JitterSpec, sample_jitter
+from featup_ops.backbones import Backbone, imagenet_normalize
+from featup_ops.downsamplers import area_downsample
+from featup_ops.jitter import JitterSpec, sample_jitter
 
 EVAL_JITTER = JitterSpec(p_flip=0.5, p_zoom=0.5, max_zoom=2.0, pad=20.0)
 
@@ -136,7 +136,7 @@ def evaluate_upsampler(backbone: Backbone, upsampler: nn.Module, batches: Iterab
 def preview_png(images01: torch.Tensor, lowres: torch.Tensor, highres: torch.Tensor, size: int = 224) -> bytes:
     """A PNG grid, one row per image: the image | low-res features | high-res features (PCA colours), size x size
     panels."""
-    from .visualize import preview_strip
+    from featup_ops.visualize import preview_strip
 
     rows = []
     for i in range(images01.shape[0]):

@@ -1,6 +1,6 @@
 """Training a linear segmentation probe on a feature cache: locally, or data-parallel with Ray Train.
 
-The probe model and its metrics live in `featup_ops.probe`; this module feeds it from a `FeatureCache`
+The probe model and its metrics live in `featup_ops.linear_probe`; this module feeds it from a `FeatureCache`
 (shuffled, multi-worker, prefetching DataLoaders over a deterministic key split) and saves the result.
 """
 
@@ -10,43 +10,46 @@ import json
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .dataset import FeatureCache, LabelledFeatures
-from .ray_runtime import init_ray
-from .storage import filesystem
+from pipeline.options import ConfigError, option, record_of
+from pipeline.ray_runtime import init_ray
+from pipeline.reading.feature_cache import FeatureCache, LabelledFeatures
+from pipeline.storage.filesystems import filesystem
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ProbeJobConfig:
-    cache: str
-    output: str | None = None  # folder for probe.safetensors + metrics.json
-    storage_options: Mapping[str, Any] = field(default_factory=dict)
-    val_fraction: float = 0.2
-    seed: int = 0
-    epochs: int = 10
-    batch_size: int = 8
-    lr: float = 1e-2
-    crop_size: int | None = None
-    workers: int = 2
-    classes: int | None = None
-    ignore_index: int = 255
-    ray_workers: int = 0  # > 0: data-parallel with Ray Train on that many workers
-    use_gpu: bool = False
+    """One probe training run; its command line is generated from these fields."""
+
+    cache: str = option(required=True, help="feature cache written by jobs/upsample_coco.py (local or s3://)")
+    output: str | None = option(None, help="folder for probe.safetensors and metrics.json (local or fsspec URL)")
+    storage_options: Mapping[str, Any] = option({}, help="fsspec options as JSON")
+    val_fraction: float = option(0.2, help="held-out share of the samples")
+    seed: int = option(0, help="seed of the split, the shuffling and the probe's initialisation")
+    epochs: int = option(10, help="passes over the training samples")
+    batch_size: int = option(8, help="samples per step")
+    lr: float = option(1e-2, help="learning rate")
+    crop_size: int | None = option(None, help="train on random crops of this size (read tile-wise)")
+    workers: int = option(2, help="DataLoader worker processes")
+    classes: int | None = option(None, help="number of classes (default: 1 + the largest training label)")
+    ignore_index: int = option(255, help="label value that is not scored")
+    ray_workers: int = option(0, help="> 0: data-parallel on that many Ray Train workers")
+    use_gpu: bool = option(False, help="train on GPU(s)")
 
     def validate(self) -> "ProbeJobConfig":
         if not 0 < self.val_fraction < 1:
-            raise ValueError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+            raise ConfigError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         return self
 
 
@@ -60,7 +63,7 @@ def infer_classes(cache: FeatureCache, keys: list[str], ignore_index: int) -> in
             if valid.size:
                 top = max(top, int(valid.max()))
     if top < 0:
-        raise ValueError(f"no labelled pixel in {cache.url}: cache it with labels (--labels auto with seg.png in the "
+        raise ConfigError(f"no labelled pixel in {cache.url}: cache it with labels (--labels auto with seg.png in the "
                          "shards, or --labels oracle)")
     return top + 1
 
@@ -87,7 +90,7 @@ def _save(probe: torch.nn.Module, metrics: dict, output: str, storage_options: M
 
 def run_probe(config: ProbeJobConfig) -> dict:
     """Trains and evaluates the probe; returns (and saves to config.output) the metrics."""
-    from featup_ops.probe import ProbeTrainingConfig, train_probe
+    from featup_ops.linear_probe import ProbeTrainingConfig, train_probe
 
     config.validate()
     if config.ray_workers > 0:
@@ -95,7 +98,7 @@ def run_probe(config: ProbeJobConfig) -> dict:
     cache = FeatureCache(config.cache, config.storage_options)
     train_keys, val_keys = cache.split(config.val_fraction, config.seed)
     if not train_keys or not val_keys:
-        raise ValueError(f"{len(cache)} samples are too few for a {config.val_fraction:.0%} validation split")
+        raise ConfigError(f"{len(cache)} samples are too few for a {config.val_fraction:.0%} validation split")
     classes = config.classes or infer_classes(cache, train_keys, config.ignore_index)
     log.info("probe: %d train / %d validation samples, %d classes, %d channels", len(train_keys), len(val_keys),
              classes, cache.dim)
@@ -108,7 +111,7 @@ def run_probe(config: ProbeJobConfig) -> dict:
     metrics = {**result.score.as_dict(), "train_losses": result.train_losses, "classes": classes,
                "train_samples": len(train_keys), "val_samples": len(val_keys), "train_seconds": result.seconds,
                "train_images_per_s": result.images_seen / max(result.seconds, 1e-9), "cache": config.cache,
-               "storage": cache.storage, "config": {k: v for k, v in asdict(config).items() if k != "storage_options"}}
+               "storage": cache.storage, "config": record_of(config)}
     if config.output:
         _save(result.probe, metrics, config.output, config.storage_options)
     return metrics
@@ -119,7 +122,7 @@ def _ray_train_loop(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from featup_ops.probe import LinearProbe, ProbeTrainingConfig, train_probe
+    from featup_ops.linear_probe import LinearProbe, ProbeTrainingConfig, train_probe
 
     config = ProbeJobConfig(**loop_config)
     ctx = ray.train.get_context()
@@ -180,7 +183,7 @@ def load_probe(url: str, storage_options: Mapping[str, Any] | None = None):
     """A saved probe (probe.safetensors under `url`) as an eval-mode LinearProbe."""
     from safetensors.torch import load
 
-    from featup_ops.probe import LinearProbe
+    from featup_ops.linear_probe import LinearProbe
 
     fs, root = filesystem(url, storage_options)
     data = fs.cat_file(f"{root}/probe.safetensors")
@@ -195,3 +198,13 @@ def predict(probe: torch.nn.Module, features: np.ndarray) -> np.ndarray:
     """Class map (H, W) of one (C, H, W) feature array."""
     with torch.no_grad():
         return probe(torch.from_numpy(np.asarray(features, np.float32))[None]).argmax(1)[0].numpy()
+
+
+def run(config: ProbeJobConfig) -> dict:
+    """The probe job: trains, evaluates, prints the scores and saves probe + metrics to --output."""
+    metrics = run_probe(config)
+    print(f"pixel accuracy {metrics['pixel_accuracy']:.4f}   mIoU {metrics['miou']:.4f}   "
+          f"({metrics['classes']} classes, {metrics['val_samples']} validation samples)")
+    if config.output:
+        print(f"probe and metrics: {config.output}")
+    return metrics

@@ -1,6 +1,6 @@
 """Training a JBU upsampler on WebDataset shards: in this process, or data-parallel with Ray Train.
 
-The method (multi-view loss, trainer, checkpoints) lives in `featup_ops.training`; this module feeds it
+The method (multi-view loss, trainer, checkpoints) lives in `featup_ops.multiview_trainer`; this module feeds it
 shuffled image batches from shards (local or fsspec), checks a run before it starts, and writes the
 run's summary and preview next to the checkpoint.
 """
@@ -13,13 +13,14 @@ import logging
 import random
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from .config import ConfigError
+from pipeline.options import ConfigError, option
+from pipeline.storage.filesystems import join, put_bytes, put_json, resolve_options
 
 if TYPE_CHECKING:
     from featup_ops import TrainConfig
@@ -29,36 +30,49 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainJobConfig:
-    """Everything one training run needs; built from the command line, validated before any work."""
+    """Everything one training run needs; its command line is generated from these fields."""
 
-    input: list[str]
-    backbone: str
-    output: str
-    steps: int = 2000
-    batch_size: int = 4
-    image_size: int = 224
-    lr: float = 1e-3
-    views: int = 5
-    downsampler: str = "attention"
-    channel_norm: str = "auto"                  # auto: on, except for backbones with a known truth (oracle)
-    smoothness_weight: float = 1e-3
-    uncertainty: bool = True
-    dropout: bool = True
-    scalar_lr_scale: float = 1.0
-    range_temp_init: float = 0.0
-    lr_schedule: str = "constant"
-    backbone_weights: str | None = None
-    random_init: bool = False
-    checkpoint_every: int = 250
-    resume: bool = False
-    time_limit_min: float | None = None
-    seed: int = 0
-    preview_images: int = 4
-    num_workers: int = 0                        # > 0: Ray Train data parallelism with this many workers
-    use_gpu: bool = False
-    ray_address: str | None = None
-    storage_options: dict[str, Any] = field(default_factory=dict)
-    shuffle_buffer: int = 256
+    input: list[str] = option(required=True, repeat=True, help="shard pattern, list file or index.json (repeatable)")
+    backbone: str = option(required=True, help="registered backbone name or timm model id")
+    output: str = option(required=True, help="checkpoint folder, local or fsspec URL (s3://...)")
+    steps: int = option(2000, help="total optimisation steps (the reference recipe: 2000)")
+    batch_size: int = option(4, help="images per step per worker")
+    image_size: int = option(224, help="resize + centre-crop size")
+    lr: float = option(1e-3, help="NAdam learning rate")
+    views: int = option(5, help="jittered views per step")
+    downsampler: str = option("attention", choices=("attention", "simple", "area"),
+                              help="learned attention (reference) or simple blur, or the fixed area average")
+    channel_norm: str = option("auto", choices=("auto", "on", "off"),
+                               help="train behind a per-pixel LayerNorm of the features (auto: on, off for "
+                                    "backbones with a known truth such as the oracle)")
+    smoothness_weight: float = option(1e-3, help="weight of the CRF-like smoothness prior")
+    uncertainty: bool = option(True, negate="--no-uncertainty",
+                               help="plain squared error instead of the learned per-pixel uncertainty weighting")
+    dropout: bool = option(True, negate="--no-dropout",
+                           help="train the JBU with its Dropout2d layers off (faster convergence on short runs)")
+    scalar_lr_scale: float = option(1.0, help="learning-rate factor for the JBU's temperature and spatial sigma")
+    range_temp_init: float = option(0.0, help="initial log-temperature of the range kernels (reference 0; higher "
+                                              "starts edge-aware)")
+    lr_schedule: str = option("constant", choices=("constant", "cosine"),
+                              help="constant (reference) or cosine decay to 0 at --steps")
+    backbone_weights: str | None = option(None, help="backbone weights file (local or s3://); default: timm/HF cache")
+    random_init: bool = option(False, help="accept a randomly initialised timm backbone")
+    checkpoint_every: int = option(250, help="steps between checkpoints")
+    resume: bool = option(False, help="continue from the checkpoint in --output, if any")
+    time_limit_min: float | None = option(None, flag="--time-limit", help="stop after this many minutes")
+    seed: int = option(0, help="seed of the data order, jitters and initialisation")
+    preview_images: int = option(4, help="images in preview.png (0: none)")
+    num_workers: int = option(0, help="Ray Train workers (0: train in this process)")
+    use_gpu: bool = option(False, help="one GPU per worker (or this process's GPU)")
+    ray_address: str | None = option(None, help="Ray cluster address (default: the one `ray job submit` gives, "
+                                                "or a local one)")
+    storage_options: dict[str, Any] = option({}, help="fsspec options as JSON")
+    shuffle_buffer: int = option(256, help="images held for shuffling")
+
+    @property
+    def output_options(self) -> dict[str, Any]:
+        """Storage options for --output, resolved like every other access (endpoint, checksums)."""
+        return resolve_options(self.output, self.storage_options)
 
     def validate(self) -> None:
         problems = []
@@ -89,8 +103,8 @@ class TrainJobConfig:
 # ---- data ---------------------------------------------------------------------------------------------------------
 def image_batches(cfg: TrainJobConfig, rank: int = 0, world: int = 1) -> Iterator[torch.Tensor]:
     """Endless, shuffled (B,3,S,S) [0,1] batches from this worker's share of the shards (resize + centre crop)."""
-    from .images import SampleError, images_to_tensor, load_sample_image
-    from .shards import iter_samples, resolve_shards
+    from pipeline.storage.images import SampleError, images_to_tensor, load_sample_image
+    from pipeline.storage.shards import iter_samples, resolve_shards
 
     shards = resolve_shards(cfg.input, cfg.storage_options)
     rng = random.Random(cfg.seed * 1000 + rank)
@@ -135,7 +149,7 @@ def build_backbone(cfg: TrainJobConfig):
     import featup_ops
 
     return featup_ops.create_backbone(cfg.backbone, weights=cfg.backbone_weights, random_init=cfg.random_init,
-                                      storage_options=cfg.storage_options)
+                                      storage_options=resolve_options(cfg.backbone_weights, cfg.storage_options))
 
 
 def train_config(cfg: TrainJobConfig, backbone) -> TrainConfig:
@@ -169,14 +183,14 @@ def _all_reduce_hook(world: int):
 def run_training(cfg: TrainJobConfig, rank: int = 0, world: int = 1, device: str | torch.device = "cpu") -> dict:
     """Trains in this process (one data-parallel worker of `world`); rank 0 writes checkpoints."""
     from featup_ops import MultiViewTrainer, load_checkpoint, train
-    from featup_ops.training import checkpoint_exists
+    from featup_ops.multiview_trainer import checkpoint_exists
 
     backbone = build_backbone(cfg)
     tcfg = train_config(cfg, backbone)
     hook = _all_reduce_hook(world) if world > 1 else None
     trainer = MultiViewTrainer(backbone, tcfg, device=device, grad_hook=hook)
-    if cfg.resume and checkpoint_exists(cfg.output, cfg.storage_options):
-        step = load_checkpoint(trainer, cfg.output, cfg.storage_options)
+    if cfg.resume and checkpoint_exists(cfg.output, cfg.output_options):
+        step = load_checkpoint(trainer, cfg.output, cfg.output_options)
         log.info("resuming from %s at step %d of %d", cfg.output, step, tcfg.steps)
     if world > 1:
         import torch.distributed as dist
@@ -189,7 +203,7 @@ def run_training(cfg: TrainJobConfig, rank: int = 0, world: int = 1, device: str
     start = time.perf_counter()
     limit = cfg.time_limit_min * 60 if cfg.time_limit_min else None
     history = train(trainer, image_batches(cfg, rank, world), checkpoint_url=cfg.output,
-                    checkpoint_every=cfg.checkpoint_every, storage_options=cfg.storage_options,
+                    checkpoint_every=cfg.checkpoint_every, storage_options=cfg.output_options,
                     is_main=rank == 0, time_limit_s=limit)
     tail = history[-50:]
     summary = {"backbone": backbone.name, "steps": trainer.step, "seconds": time.perf_counter() - start,
@@ -210,7 +224,7 @@ def _ray_worker(config: dict) -> None:
     summary = run_training(cfg, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())
     ray.train.report({k: v for k, v in summary.items() if isinstance(v, (int, float))})
     if ctx.get_world_rank() == 0:
-        write_json(cfg, "summary.json", summary)
+        put_json(join(cfg.output, "summary.json"), summary, cfg.storage_options)
 
 
 def run_ray(cfg: TrainJobConfig) -> None:
@@ -220,7 +234,7 @@ def run_ray(cfg: TrainJobConfig) -> None:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from .ray_runtime import init_ray
+    from pipeline.ray_runtime import init_ray
 
     init_ray(cfg.ray_address)
     # the output was checked before work started, so a restarted worker group resumes from its checkpoint
@@ -234,39 +248,30 @@ def run_ray(cfg: TrainJobConfig) -> None:
         raise result.error
 
 
-def write_json(cfg: TrainJobConfig, name: str, payload: dict) -> None:
-    import fsspec
-
-    with fsspec.open(cfg.output.rstrip("/") + "/" + name, "w", auto_mkdir=True, **cfg.storage_options) as f:
-        json.dump(payload, f, indent=1)
-
-
 def write_preview(cfg: TrainJobConfig) -> None:
     """preview.png from the trained checkpoint on the first --preview-images training images."""
-    import fsspec
-
     from featup_ops import load_jbu
-    from featup_ops.evaluation import preview_png
     from featup_ops.backbones import imagenet_normalize
+    from featup_ops.upsampler_metrics import preview_png
 
     backbone = build_backbone(cfg)
-    stack = load_jbu(cfg.output, cfg.storage_options)
+    stack = load_jbu(cfg.output, cfg.output_options)
     backbone.channel_norm = stack.channel_norm
     first = TrainJobConfig(**{**asdict(cfg), "batch_size": cfg.preview_images, "shuffle_buffer": 1})
     images = next(image_batches(first))
     with torch.no_grad():
         lowres = backbone(backbone.normalize(images))
         highres = stack(lowres, imagenet_normalize(images))
-    with fsspec.open(cfg.output.rstrip("/") + "/preview.png", "wb", auto_mkdir=True, **cfg.storage_options) as f:
-        f.write(preview_png(images, lowres, highres, size=cfg.image_size))
+    put_bytes(join(cfg.output, "preview.png"), preview_png(images, lowres, highres, size=cfg.image_size),
+              cfg.storage_options)
 
 
 def check_before_work(cfg: TrainJobConfig) -> None:
     """Refuses bad configuration before training starts: backbone, inputs, output state."""
     from featup_ops import BackboneError
-    from featup_ops.training import checkpoint_exists
-    from .shards import InputError, resolve_shards
-    from .storage import StorageError
+    from featup_ops.multiview_trainer import checkpoint_exists
+    from pipeline.storage.filesystems import StorageError
+    from pipeline.storage.shards import InputError, resolve_shards
 
     cfg.validate()
     try:
@@ -274,7 +279,7 @@ def check_before_work(cfg: TrainJobConfig) -> None:
         resolve_shards(cfg.input, cfg.storage_options)
     except (BackboneError, InputError, StorageError) as exc:
         raise ConfigError(str(exc)) from None
-    if not cfg.resume and checkpoint_exists(cfg.output, cfg.storage_options):
+    if not cfg.resume and checkpoint_exists(cfg.output, cfg.output_options):
         raise ConfigError(f"{cfg.output} already holds a training checkpoint; pass --resume to continue "
                          "it or choose another --output")
 
@@ -287,7 +292,7 @@ def run(cfg: TrainJobConfig) -> dict | None:
         run_ray(cfg)
     else:
         summary = run_training(cfg, device="cuda" if cfg.use_gpu else "cpu")
-        write_json(cfg, "summary.json", summary)
+        put_json(join(cfg.output, "summary.json"), summary, cfg.storage_options)
         log.info("done: %d steps in %.0f s, final loss %.4f", summary["steps"], summary["seconds"],
                  summary["final_loss"])
     if cfg.preview_images > 0:

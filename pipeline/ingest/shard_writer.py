@@ -13,8 +13,8 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from .shards import INDEX_NAME
-from .storage import filesystem, join
+from pipeline.storage.filesystems import filesystem
+from pipeline.storage.shards import INDEX_NAME
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +88,6 @@ class ShardWriter:
             json.dump(index, f, indent=1)
         log.info("wrote %d samples in %d shards to %s", index["total_samples"], len(self.shards), self.output)
         return index
-
-    def shard_urls(self) -> list[str]:
-        return [join(self.output, s["name"]) for s in self.shards]
 
     def __enter__(self) -> "ShardWriter":
         return self

@@ -27,14 +27,22 @@ import pyarrow.parquet as pq
 import torch
 import torch.utils.data
 
-from .presets import Preset, pca_components
-from .store import LABELS_GROUP, LOWRES_GROUP, MANIFEST_NAME, RUN_NAME, UPSAMPLER_NAME, OutputStore
+from pipeline.caching.output_store import (
+    LABELS_GROUP,
+    LOWRES_GROUP,
+    MANIFEST_NAME,
+    RUN_NAME,
+    UPSAMPLER_NAME,
+    OutputStore,
+)
+from pipeline.caching.presets import Preset, pca_components
+from pipeline.options import ConfigError
 
 Crop = tuple[int, int, int, int]  # top, left, height, width in high-res feature pixels
 IGNORE_LABEL = 255
 
 
-class CacheError(RuntimeError):
+class CacheError(ConfigError):
     """A location that is not a finished feature cache, or a request it cannot serve."""
 
 

@@ -1,6 +1,6 @@
 """Scoring upsamplers on held-out shards: error against known truth (oracle) and multi-view reconstruction.
 
-The metrics live in `featup_ops.evaluation`; this module reads the images from shards (bad samples are
+The metrics live in `featup_ops.upsampler_metrics`; this module reads the images from shards (bad samples are
 reported and skipped), builds every requested upsampler the same way, and feeds them identical batches.
 """
 
@@ -8,40 +8,44 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from .config import ConfigError
-from .images import SampleError, images_to_tensor, load_sample_image
-from .shards import InputError, iter_samples, resolve_shards
+from pipeline.options import ConfigError, option
+from pipeline.storage.filesystems import put_json
+from pipeline.storage.images import SampleError, images_to_tensor, load_sample_image
+from pipeline.storage.shards import InputError, iter_samples, resolve_shards
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class EvalConfig:
-    """One evaluation run, validated before any work."""
+    """One evaluation run, validated before any work; its command line is generated from these fields."""
 
-    input: list[str]
-    backbone: str
-    upsampler: list[str]
-    json: str | None = None
-    image_size: int = 224
-    upsampler_weights: str | None = None
-    backbone_weights: str | None = None
-    random_init: bool = False
-    batch_size: int = 4
-    limit: int | None = None
-    recon_views: int = 5
-    seed: int = 0
-    implicit_steps: int | None = None
-    implicit_views: int | None = None
-    implicit_total_views: int | None = None
-    implicit_reference: bool = False
-    storage_options: dict[str, Any] = field(default_factory=dict)
+    input: list[str] = option(required=True, repeat=True, help="shard pattern, list file or index.json (repeatable)")
+    backbone: str = option(required=True, help="registered backbone name or timm model id")
+    upsampler: list[str] = option(required=True, repeat=True,
+                                  help="repeatable: bilinear, bicubic, jbu, implicit, truth (oracle only)")
+    json: str | None = option(None, help="write the scores here (local or fsspec URL)")
+    image_size: int = option(224, help="resize + centre-crop size")
+    upsampler_weights: str | None = option(None, help="JBU checkpoint (file or folder, local or s3://)")
+    backbone_weights: str | None = option(None, help="backbone weights file (local or s3://); default: timm/HF "
+                                                     "cache")
+    random_init: bool = option(False, help="random timm backbone / untrained JBU (tests only)")
+    batch_size: int = option(4, help="images per forward pass")
+    limit: int | None = option(None, help="evaluate at most this many images")
+    recon_views: int = option(5, help="jittered views per image for recon_error")
+    seed: int = option(0, help="seed of the jittered views")
+    implicit_steps: int | None = option(None, help="implicit upsampler: most steps per image")
+    implicit_views: int | None = option(None, help="implicit upsampler: views per step")
+    implicit_total_views: int | None = option(None, help="implicit upsampler: jittered views per image")
+    implicit_reference: bool = option(False, help="implicit upsampler: the reference settings (1,200 steps, 3,000 "
+                                                  "views) as the base")
+    storage_options: dict[str, Any] = option({}, help="fsspec options as JSON")
 
     def validate(self) -> None:
         from featup_ops import list_upsamplers
@@ -102,7 +106,7 @@ def batches(images: list[np.ndarray], batch_size: int) -> Iterator[torch.Tensor]
 def evaluate(cfg: EvalConfig) -> dict[str, dict]:
     """Scores per upsampler name."""
     from featup_ops import create_backbone, create_upsampler
-    from featup_ops.evaluation import evaluate_upsampler
+    from featup_ops.upsampler_metrics import evaluate_upsampler
 
     backbone = create_backbone(cfg.backbone, weights=cfg.backbone_weights, random_init=cfg.random_init,
                                storage_options=cfg.storage_options)
@@ -134,3 +138,18 @@ def format_table(scores: dict[str, dict]) -> str:
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths)), "  ".join("-" * w for w in widths)]
     return "\n".join(lines + ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows])
+
+
+def run(cfg: EvalConfig) -> dict[str, dict]:
+    """The whole evaluation: checks, scores, a printed table and (with --json) a JSON file."""
+    from featup_ops import BackboneError, CheckpointError, UpsamplerError
+
+    cfg.validate()
+    try:
+        scores = evaluate(cfg)
+    except (BackboneError, CheckpointError, UpsamplerError) as exc:
+        raise ConfigError(str(exc)) from None
+    print(format_table(scores))
+    if cfg.json:
+        put_json(cfg.json, scores, cfg.storage_options)
+    return scores

@@ -51,12 +51,6 @@ def pca_components(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def to_bfloat16_bits(x: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bits as uint16, rounding to nearest even (what torch does)."""
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-
-
 def from_bfloat16_bits(x: np.ndarray) -> np.ndarray:
     return (x.astype(np.uint32) << 16).view(np.float32)
 

@@ -20,7 +20,13 @@ from typing import Any
 from braceexpand import braceexpand
 from webdataset.tariterators import base_plus_ext, group_by_keys
 
-from .storage import StorageError, check_reachable, filesystem, protocol_of
+from pipeline.options import ConfigError
+from pipeline.storage.filesystems import (
+    StorageError,
+    check_reachable,
+    filesystem,
+    protocol_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +35,7 @@ TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 READ_BLOCK = 8 * 2**20  # readahead per request: a few large sequential GETs per shard
 
 
-class InputError(ValueError):
+class InputError(ConfigError):
     """Input patterns that resolve to no shard, or to shards that do not exist."""
 
 

@@ -6,11 +6,14 @@ local path, `s3://` (AWS or any S3-compatible endpoint) and other fsspec protoco
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from typing import Any
 
 import fsspec
+
+from pipeline.options import ConfigError
 
 # Environment variables that carry storage endpoints and credentials; propagated to Ray workers, whose
 # environment on a multi-node cluster is the node's own, not the submitter's.
@@ -21,7 +24,7 @@ STORAGE_ENV_VARS = (
 )
 
 
-class StorageError(RuntimeError):
+class StorageError(ConfigError):
     """Storage that cannot be reached or used (bucket missing, endpoint down, no permission)."""
 
 
@@ -36,14 +39,14 @@ def s3_endpoint_from_env() -> str | None:
     return None
 
 
-def resolve_options(url: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def resolve_options(url: str | None, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Storage options for `url`: the user's, plus an S3 endpoint from the environment when they name none.
 
     A custom (non-AWS) S3 endpoint gets checksums "when_required": newer botocore defaults add checksum
     headers that S3-compatible servers often reject.
     """
     opts = dict(options or {})
-    if protocol_of(url) in ("s3", "s3a"):
+    if url and protocol_of(url) in ("s3", "s3a"):
         client_kwargs = dict(opts.get("client_kwargs") or {})
         endpoint = opts.get("endpoint_url") or client_kwargs.get("endpoint_url") or s3_endpoint_from_env()
         if endpoint:
@@ -59,6 +62,18 @@ def resolve_options(url: str, options: Mapping[str, Any] | None = None) -> dict[
 def filesystem(url: str, options: Mapping[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path within it) for a local path or fsspec URL."""
     return fsspec.core.url_to_fs(url, **resolve_options(url, options))
+
+
+def put_bytes(url: str, data: bytes, options: Mapping[str, Any] | None = None) -> None:
+    """Writes one whole object (a local file: its folder is created) with the storage options every write uses."""
+    fs, path = filesystem(url, options)
+    if protocol_of(url) == "file":
+        fs.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fs.pipe_file(path, data)
+
+
+def put_json(url: str, payload: Any, options: Mapping[str, Any] | None = None) -> None:
+    put_bytes(url, json.dumps(payload, indent=1, default=str).encode(), options)
 
 
 def join(base: str, *parts: str) -> str:

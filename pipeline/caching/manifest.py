@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import pyarrow as pa
 
-from .images import Geometry
+from pipeline.storage.images import Geometry
 
 SCHEMA = pa.schema([
     pa.field("key", pa.string(), nullable=False),

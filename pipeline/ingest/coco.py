@@ -1,21 +1,22 @@
-"""COCO-layout folders (images + optional instances JSON) as WebDataset samples."""
+"""COCO-layout folders (images + optional instances JSON) as WebDataset samples, and the make_shards job."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import io
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .images import IMAGE_EXTENSIONS, decode_image
-from .storage import filesystem
+from pipeline.options import ConfigError, option
+from pipeline.storage.filesystems import filesystem
+from pipeline.storage.images import IMAGE_EXTENSIONS, decode_image
 
 log = logging.getLogger(__name__)
 IGNORE_LABEL = 255  # crowd regions: neither background nor a reliable class
@@ -176,3 +177,38 @@ def _label_for(name: str, data: bytes, info: dict | None, anns_by_image: dict, l
     if rasterize_annotations and info is not None and info.get("height") and info.get("width"):
         return label_png(rasterize(anns_by_image.get(info["id"], []), int(info["height"]), int(info["width"])))
     return None
+
+
+@dataclass(frozen=True)
+class MakeShardsConfig:
+    """The make_shards job's options."""
+
+    images: str = option(required=True, help="folder of images (local or fsspec URL), searched recursively")
+    output: str = option(required=True, help="folder for the shards and index.json (local or fsspec URL)")
+    annotations: str | None = option(None, help="COCO instances JSON; its annotations go into each sample's json")
+    prefix: str = option("shard", help="shard file prefix: PREFIX-000000.tar")
+    samples_per_shard: int = option(1000, help="samples per shard")
+    only_annotated: bool = option(False, help="skip images the annotations do not list")
+    labels: str | None = option(None, help="COCO-Stuff style folder of <image stem>.png class maps, stored as seg.png")
+    oracle_labels: bool = option(False, help="attach known-truth labels of the oracle backbone (8 classes) to every "
+                                             "image")
+    rasterize: bool = option(True, negate="--no-rasterize",
+                             help="do not rasterise instance annotations into a seg.png category map")
+    storage_options: Mapping[str, Any] = option({}, help="fsspec options as JSON")
+
+
+def run(config: MakeShardsConfig) -> dict:
+    """Writes the shards and their index.json; returns the index."""
+    from tqdm.auto import tqdm
+
+    from pipeline.ingest.shard_writer import write_shards
+
+    if config.samples_per_shard < 1:
+        raise ConfigError(f"--samples-per-shard must be >= 1, got {config.samples_per_shard}")
+    samples = coco_samples(config.images, config.annotations, config.storage_options,
+                           include_unannotated=not config.only_annotated, labels=config.labels,
+                           rasterize_annotations=config.rasterize, oracle_labels=config.oracle_labels)
+    index = write_shards(tqdm(samples, unit="img", desc="sharding"), config.output, config.samples_per_shard,
+                         config.prefix, config.storage_options)
+    print(f"wrote {index['total_samples']} samples in {len(index['shards'])} shards to {config.output}")
+    return index

@@ -30,10 +30,11 @@ import pyarrow.parquet as pq
 import zarr
 from zarr.codecs import BloscCodec
 
-from .storage import filesystem, join, protocol_of, resolve_options
+from pipeline.options import ConfigError
+from pipeline.storage.filesystems import filesystem, join, protocol_of, resolve_options
 
 if TYPE_CHECKING:
-    from .presets import ArraySpec
+    from pipeline.caching.presets import ArraySpec
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ MANIFEST_NAME = "manifest.parquet"
 RUN_NAME = "run.json"
 
 
-class OutputExistsError(RuntimeError):
+class OutputExistsError(ConfigError):
     """The output holds a run with other settings; refused unless --overwrite."""
 
 

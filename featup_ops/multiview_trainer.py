@@ -1,4 +1,4 @@
-"""Training a JBU stack by multi-view consistency (shared/METHOD.md), as a library.
+"""Training a JBU stack by multi-view consistency (FeatUp, Fu et al., ICLR 2024), as a library.
 
     trainer = MultiViewTrainer(backbone, JBUStack(backbone.dim), TrainConfig(steps=2000))
     train(trainer, batches, checkpoint_url="s3://bkt/run1", checkpoint_every=500)
@@ -18,7 +18,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -30,13 +29,20 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from tqdm.auto import tqdm
 
-from .backbones import Backbone, imagenet_normalize
-from .checkpoints import read_bytes, read_state, save_jbu
-from .downsamplers import DOWNSAMPLERS, create_downsampler
-from .jbu import JBUStack
-from .jitter import JitterSpec, sample_jitter
-from .layers import ChannelNorm
-from .losses import UncertaintyHead, project, random_projection, smoothness_prior, total_variation, uncertainty_loss
+from featup_ops.backbones import Backbone, imagenet_normalize
+from featup_ops.checkpoints import read_bytes, read_state, save_jbu
+from featup_ops.downsamplers import DOWNSAMPLERS, create_downsampler
+from featup_ops.jbu import JBUStack
+from featup_ops.jitter import JitterSpec, sample_jitter
+from featup_ops.layers import ChannelNorm
+from featup_ops.losses import (
+    UncertaintyHead,
+    project,
+    random_projection,
+    smoothness_prior,
+    total_variation,
+    uncertainty_loss,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +53,7 @@ TRAINING_KEY = "featup_training"
 
 @dataclass
 class TrainConfig:
-    """One JBU training run. Defaults are the reference recipe (METHOD.md) except where noted."""
+    """One JBU training run. Defaults are the FeatUp reference recipe except where noted."""
 
     steps: int = 2000
     lr: float = 1e-3
@@ -282,8 +288,8 @@ def train(trainer: MultiViewTrainer, batches: Iterable[torch.Tensor], checkpoint
         raise ValueError(f"checkpoint_every must be >= 1 step, got {checkpoint_every}")
     history: list[dict] = []
     start = time.perf_counter()
-    quiet = not (progress and is_main) or os.environ.get("TQDM_DISABLE") == "1"
-    bar = tqdm(total=total, initial=trainer.step, desc="train jbu", disable=quiet, dynamic_ncols=True)
+    off = {} if progress and is_main else {"disable": True}  # else tqdm's own TQDM_* environment decides
+    bar = tqdm(total=total, initial=trainer.step, desc="train jbu", dynamic_ncols=True, **off)
     iterator = iter(batches)
     while trainer.step < total:
         try:

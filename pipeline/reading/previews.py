@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import io
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from .dataset import FeatureCache
-from .images import load_sample_image
-from .shards import iter_samples
+from pipeline.options import ConfigError, option
+from pipeline.reading.feature_cache import FeatureCache
+from pipeline.storage.filesystems import join, put_bytes
+from pipeline.storage.images import load_sample_image
+from pipeline.storage.shards import iter_samples
 
 
 def sample_images(cache: FeatureCache, keys: Sequence[str]) -> dict[str, np.ndarray]:
@@ -54,27 +57,31 @@ def write_previews(url: str, keys: Sequence[str] | None = None, count: int = 4, 
     keys = list(keys) if keys else cache.keys()[:count]
     missing = [k for k in keys if k not in cache]
     if missing:
-        raise KeyError(f"not in the cache: {missing[:5]}")
+        raise ConfigError(f"not in the cache {url}: {missing[:5]}; see FeatureCache(url).keys() for what it holds")
     images = sample_images(cache, keys)
-    target = _Folder(out or cache.store.url_of("previews"), storage_options)
+    folder = (out or cache.store.url_of("previews")).rstrip("/")
     written = []
     for key in keys:
         buf = io.BytesIO()
         Image.fromarray(render(cache, key, images[key])).save(buf, format="PNG")
-        written.append(target.put(f"{key.replace('/', '_')}.png", buf.getvalue()))
+        written.append(join(folder, f"{key.replace('/', '_')}.png"))
+        put_bytes(written[-1], buf.getvalue(), storage_options)
     return written
 
 
-class _Folder:
-    """A folder (local or fsspec URL) to drop files into."""
+@dataclass(frozen=True)
+class PreviewConfig:
+    """The preview job's options."""
 
-    def __init__(self, url: str, storage_options: Mapping[str, Any] | None):
-        from .storage import filesystem
+    cache: str = option(required=True, help="feature cache (local or fsspec URL)")
+    key: list[str] | None = option(None, repeat=True, help="sample key to render; repeat (default: the first --count)")
+    count: int = option(4, help="how many samples when no --key is given")
+    out: str | None = option(None, help="folder for the PNGs (default: <cache>/previews)")
+    storage_options: Mapping[str, Any] = option({}, help="fsspec options as JSON")
 
-        self.url = url.rstrip("/")
-        self.fs, self.root = filesystem(self.url, storage_options)
-        self.fs.makedirs(self.root, exist_ok=True)
 
-    def put(self, name: str, data: bytes) -> str:
-        self.fs.pipe_file(f"{self.root}/{name}", data)
-        return f"{self.url}/{name}"
+def run(config: PreviewConfig) -> list[str]:
+    """Renders the previews and prints where they went."""
+    paths = write_previews(config.cache, config.key, config.count, config.out, config.storage_options)
+    print("\n".join(paths))
+    return paths

@@ -1,0 +1,262 @@
+"""The caching job's driver: prepare (validate, open the output, find the work), execute (the Ray worker pool
+runs the pending shards), finalize (manifest, run record, clean-up, previews).
+
+Works the same under a local `ray.init()` and inside `ray job submit` against a running cluster (where
+RAY_ADDRESS is set). Committed shards of an earlier, interrupted run are skipped; the retry rules live in
+`pipeline.caching.scheduler`.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from pipeline.caching import manifest
+from pipeline.caching.job_config import JobConfig
+from pipeline.caching.output_store import (
+    MANIFEST_NAME,
+    RUN_NAME,
+    UPSAMPLER_NAME,
+    OutputStore,
+)
+from pipeline.caching.presets import error_bound, pca_components
+from pipeline.caching.scheduler import (
+    JobFailed,
+    ShardScheduler,
+    describe_failures,
+    run_on_ray,
+)
+from pipeline.caching.shard_processor import ShardResult, build_model
+from pipeline.caching.worker_pool import fit_pca_on, start_actors, stop_actors
+from pipeline.options import ConfigError
+from pipeline.ray_runtime import init_ray
+from pipeline.storage.filesystems import check_reachable, protocol_of
+from pipeline.storage.shards import Shard, resolve_shards
+
+log = logging.getLogger(__name__)
+
+__all__ = ["JobFailed", "RunSummary", "run_job"]
+
+
+@dataclass
+class RunSummary:
+    output: str
+    shards_total: int = 0
+    shards_done: int = 0
+    shards_skipped: int = 0
+    shards_failed: list = field(default_factory=list)
+    shard_errors: dict = field(default_factory=dict)
+    samples_read: int = 0
+    ok: int = 0
+    errors: int = 0
+    processed_ok: int = 0  # images computed by this run (the rest were committed by an earlier one)
+    seconds: float = 0.0
+    run: dict = field(default_factory=dict)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.processed_ok / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class PreparedRun:
+    """What `prepare` established before any work: the output, the shards, what is left to do."""
+
+    config: JobConfig
+    store: OutputStore
+    shards: list[Shard]
+    identity: dict
+    model_info: dict
+    done: set[str]
+    pending: list[Shard]
+    budget: int | None  # samples still allowed by --limit
+    started: float = field(default_factory=time.time)
+    clock: float = field(default_factory=time.perf_counter)
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("featup-cache", "torch", "timm", "ray", "zarr", "webdataset", "fsspec", "s3fs", "pyarrow"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _validate_model(config: JobConfig):
+    """Builds the model once on CPU: unknown backbone, unreadable or mismatched weights fail here, early."""
+    from featup_ops import BackboneError, CheckpointError, UpsamplerError
+
+    try:
+        model = build_model(config)
+    except (BackboneError, UpsamplerError, CheckpointError, FileNotFoundError) as exc:
+        raise ConfigError(str(exc)) from None
+    return model
+
+
+def _describe(model, config: JobConfig) -> dict:
+    described = model.describe()
+    described["output_size"] = list(model.output_size(config.image_size, config.image_size))
+    described["lowres_size"] = list(model.lowres_size(config.image_size, config.image_size))
+    return described
+
+
+def _store_upsampler(model, store: OutputStore) -> None:
+    """The lowres preset's reader re-runs the JBU: keep its exact weights with the cache."""
+    from featup_ops import save_jbu
+
+    save_jbu(model.upsampler, store.url_of(UPSAMPLER_NAME), store.storage_options)
+
+
+def _write_previews(config: JobConfig, store: OutputStore) -> None:
+    """PCA pictures (image | low-res | high-res) of the first samples, into <output>/previews/."""
+    from pipeline.reading.previews import write_previews
+
+    try:
+        paths = write_previews(config.output, count=config.previews, storage_options=config.storage_options)
+        log.info("wrote %d preview(s) to %s", len(paths), store.url_of("previews"))
+    except Exception as exc:  # noqa: BLE001 - pictures must never fail a finished job
+        log.warning("could not write previews: %s: %s", type(exc).__name__, exc)
+
+
+class _Progress:
+    """tqdm bar over shards with images/s, errors and the samples of shards still in flight."""
+
+    def __init__(self, total: int):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, unit="shard", desc="caching features", dynamic_ncols=True)
+        self.start = time.perf_counter()
+        self.ok = self.errors = self.in_flight_samples = 0
+
+    def shard_done(self, result: ShardResult) -> None:
+        self.ok += result.ok
+        self.errors += result.errors
+        self.bar.update(1)
+        self.refresh()
+
+    def in_flight(self, samples: int) -> None:
+        self.in_flight_samples = samples
+        self.refresh()
+
+    def refresh(self) -> None:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        self.bar.set_postfix(images=self.ok, img_s=f"{self.ok / elapsed:.1f}", errors=self.errors,
+                             in_flight=self.in_flight_samples, refresh=True)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def prepare(config: JobConfig) -> PreparedRun:
+    """Everything that can refuse the job, before any work: settings, storage, shards, model, output identity."""
+    config.validate()
+    store = OutputStore(config.output, config.storage_options)
+    if protocol_of(config.output) in ("s3", "s3a"):
+        check_reachable(config.output, config.storage_options)
+    shards = resolve_shards(list(config.inputs), config.storage_options)
+    log.info("%d input shard(s), first %s", len(shards), shards[0].url)
+    model = _validate_model(config)
+    model_info = _describe(model, config)
+    identity = {**config.identity(), "weights": model_info["weights"], "output_size": model_info["output_size"],
+                "dim": model_info["dim"]}
+    resumed = store.prepare(identity, config.overwrite)
+    if config.storage_preset == "lowres" and config.upsampler == "jbu":
+        _store_upsampler(model, store)
+    del model
+    commits = store.commits()
+    done = {s.shard_id for s in shards if commits.get(s.shard_id, {}).get("complete")}
+    if resumed:
+        log.info("resuming: %d of %d shards are already committed and will be skipped", len(done), len(shards))
+    budget = None
+    if config.limit is not None:
+        budget = config.limit - sum(commits[s]["samples_read"] for s in done)
+    return PreparedRun(config, store, shards, identity, model_info, done,
+                       [s for s in shards if s.shard_id not in done], budget)
+
+
+def execute(run: PreparedRun, summary: RunSummary) -> dict:
+    """Runs the pending shards on the Ray worker pool; returns what the storage preset learned (pca fit)."""
+    config, preset_info = run.config, {}
+    if not run.pending or (run.budget is not None and run.budget <= 0):
+        return preset_info
+    init_ray()
+    actors = start_actors(config, len(run.pending))
+    progress = _Progress(len(run.pending))
+    try:
+        if pca_components(config.storage_preset) is not None and run.store.read_pca() is None:
+            preset_info = fit_pca_on(actors[0], config, run.pending, run.store)
+        scheduler = ShardScheduler(run.pending, len(actors), config.max_attempts, config.max_actor_restarts,
+                                   run.budget)
+
+        def on_result(result: ShardResult) -> None:
+            if result.shard_error:
+                summary.shard_errors[result.url] = result.shard_error
+                log.warning("shard %s: %s", result.url, result.shard_error)
+            progress.shard_done(result)
+
+        run_on_ray(scheduler, actors, on_result, progress.in_flight)
+        summary.processed_ok = sum(r.ok for r in scheduler.results)
+        summary.shards_failed = scheduler.failed
+    finally:
+        progress.close()
+        stop_actors(actors)
+    return preset_info
+
+
+def finalize(run: PreparedRun, summary: RunSummary, preset_info: dict) -> RunSummary:
+    """Assembles the manifest from the committed shards, writes run.json, removes leftovers, renders previews."""
+    config, store, shards = run.config, run.store, run.shards
+    commits = store.commits()
+    committed = [commits[s.shard_id] for s in shards if s.shard_id in commits]
+    tables = [store.read_part(c["part"]) for c in committed]
+    table = pa.concat_tables(tables) if tables else manifest.to_table([])
+    store.write_manifest(table)
+    for c in committed:
+        if c.get("shard_error"):
+            summary.shard_errors[c["url"]] = c["shard_error"]
+    statuses = table.column("status").to_pylist()
+    summary.ok = statuses.count("ok")
+    summary.errors = statuses.count("error")
+    summary.samples_read = len(statuses)
+    summary.shards_done = len(committed)
+    summary.seconds = time.perf_counter() - run.clock
+    if not summary.shards_failed:
+        removed = store.remove_unreferenced([c["array_name"] for c in committed], [c["part"] for c in committed])
+        if removed:
+            log.info("removed %d leftover objects of failed attempts", removed)
+    summary.run = {
+        "settings": run.identity, "model": run.model_info,
+        "storage": {"preset": config.storage_preset, **preset_info,
+                    "error_bound": error_bound(config.storage_preset)}, "versions": _versions(),
+        "flags": config.record(),
+        "counts": {"shards": len(shards), "shards_committed": len(committed), "shards_skipped_resumed": len(run.done),
+                   "shards_failed": len(summary.shards_failed), "samples": summary.samples_read, "ok": summary.ok,
+                   "errors": summary.errors, "ok_this_run": summary.processed_ok},
+        "shard_errors": summary.shard_errors, "failed_shards": summary.shards_failed,
+        "timings": {"started": run.started, "finished": time.time(), "elapsed_s": round(summary.seconds, 3),
+                    "images_per_s": round(summary.images_per_second, 3),
+                    "compute_s": round(sum(c.get("compute_seconds", 0) for c in committed), 3)},
+        "manifest": MANIFEST_NAME,
+    }
+    store.put_json(RUN_NAME, summary.run)
+    if config.previews and summary.ok:
+        _write_previews(config, store)
+    if summary.shards_failed:
+        raise JobFailed(describe_failures(summary.shards_failed, config.max_attempts, len(committed)))
+    return summary
+
+
+def run_job(config: JobConfig) -> RunSummary:
+    """Runs the caching job to completion; refuses bad configuration (ConfigError) before any work."""
+    run = prepare(config)
+    summary = RunSummary(output=config.output, shards_total=len(run.shards), shards_skipped=len(run.done))
+    preset_info = execute(run, summary)
+    return finalize(run, summary, preset_info)
