@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run the code 
 from pipeline.caching.demo import demo_config  # noqa: E402
 from pipeline.caching.driver import JobFailed, run_job  # noqa: E402
 from pipeline.caching.job_config import JobConfig  # noqa: E402
+from pipeline.caching.lease import LeaseLost  # noqa: E402
 from pipeline.options import ConfigError, parse_config  # noqa: E402
 
 log = logging.getLogger("upsample_coco")
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         log.error("%s", exc)
         return 2
-    except JobFailed as exc:
+    except (JobFailed, LeaseLost) as exc:
         log.error("%s", exc)
         return 1
     print(f"\ncached {summary.ok} images ({summary.errors} errors, {len(summary.shard_errors)} damaged shards, "

@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from pipeline.caching import manifest
 from pipeline.caching.job_config import JobConfig
+from pipeline.caching.lease import OutputLease
 from pipeline.caching.output_store import (
     MANIFEST_NAME,
     RUN_NAME,
@@ -68,6 +69,7 @@ class PreparedRun:
 
     config: JobConfig
     store: OutputStore
+    lease: OutputLease  # held until the run ends
     shards: list[Shard]
     identity: dict
     model_info: dict
@@ -167,18 +169,24 @@ def prepare(config: JobConfig) -> PreparedRun:
     model_info = _describe(model, config)
     identity = {**config.identity(), "weights": model_info["weights"], "output_size": model_info["output_size"],
                 "dim": model_info["dim"]}
-    resumed = store.prepare(identity, config.overwrite)
-    if config.storage_preset == "lowres" and config.upsampler == "jbu":
-        _store_upsampler(model, store)
-    del model
-    commits = store.commits()
+    store.check(identity, config.overwrite)  # refuses a foreign or different output before writing anything
+    lease = OutputLease(config.output, config.storage_options, config.lease_ttl).acquire()
+    try:
+        resumed = store.prepare(identity, config.overwrite)
+        if config.storage_preset == "lowres" and config.upsampler == "jbu":
+            _store_upsampler(model, store)
+        del model
+        commits = store.commits()
+    except BaseException:
+        lease.release()
+        raise
     done = {s.shard_id for s in shards if commits.get(s.shard_id, {}).get("complete")}
     if resumed:
         log.info("resuming: %d of %d shards are already committed and will be skipped", len(done), len(shards))
     budget = None
     if config.limit is not None:
         budget = config.limit - sum(commits[s]["samples_read"] for s in done)
-    return PreparedRun(config, store, shards, identity, model_info, done,
+    return PreparedRun(config, store, lease, shards, identity, model_info, done,
                        [s for s in shards if s.shard_id not in done], budget)
 
 
@@ -197,12 +205,17 @@ def execute(run: PreparedRun, summary: RunSummary) -> dict:
                                    run.budget)
 
         def on_result(result: ShardResult) -> None:
+            run.lease.check()
             if result.shard_error:
                 summary.shard_errors[result.url] = result.shard_error
                 log.warning("shard %s: %s", result.url, result.shard_error)
             progress.shard_done(result)
 
-        run_on_ray(scheduler, actors, on_result, progress.in_flight)
+        def on_progress(samples: int) -> None:
+            run.lease.check()  # another run took the output over: stop
+            progress.in_flight(samples)
+
+        run_on_ray(scheduler, actors, on_result, on_progress)
         summary.processed_ok = sum(r.ok for r in scheduler.results)
         summary.shards_failed = scheduler.failed
     finally:
@@ -214,6 +227,7 @@ def execute(run: PreparedRun, summary: RunSummary) -> dict:
 def finalize(run: PreparedRun, summary: RunSummary, preset_info: dict) -> RunSummary:
     """Assembles the manifest from the committed shards, writes run.json, removes leftovers, renders previews."""
     config, store, shards = run.config, run.store, run.shards
+    run.lease.check()
     commits = store.commits()
     committed = [commits[s.shard_id] for s in shards if s.shard_id in commits]
     tables = [store.read_part(c["part"]) for c in committed]
@@ -257,6 +271,9 @@ def finalize(run: PreparedRun, summary: RunSummary, preset_info: dict) -> RunSum
 def run_job(config: JobConfig) -> RunSummary:
     """Runs the caching job to completion; refuses bad configuration (ConfigError) before any work."""
     run = prepare(config)
-    summary = RunSummary(output=config.output, shards_total=len(run.shards), shards_skipped=len(run.done))
-    preset_info = execute(run, summary)
-    return finalize(run, summary, preset_info)
+    try:
+        summary = RunSummary(output=config.output, shards_total=len(run.shards), shards_skipped=len(run.done))
+        preset_info = execute(run, summary)
+        return finalize(run, summary, preset_info)
+    finally:
+        run.lease.release()

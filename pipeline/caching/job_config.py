@@ -78,6 +78,8 @@ class JobConfig:
     max_attempts: int = option(3, group=RUN, help="tries per shard before it is reported failed")
     max_actor_restarts: int = option(3, group=RUN, help="restarts Ray gives a dead worker actor before it leaves "
                                                         "the pool")
+    lease_ttl: float = option(300.0, group=RUN, help="seconds without a heartbeat after which another run may take "
+                                                     "this output over (a crashed run on the same host at once)")
     max_pixels: int = option(89_478_485, group=RUN, help="decompression-bomb limit: larger images are recorded as "
                                                          "errors (~89 MP)")
     min_side: int = option(16, group=RUN, help="images with a shorter side are recorded as errors")

@@ -49,6 +49,7 @@ PCA_GROUP = "pca"
 UPSAMPLER_NAME = "upsampler.safetensors"
 MANIFEST_NAME = "manifest.parquet"
 RUN_NAME = "run.json"
+LEASE_FILE = "lease.json"  # under _pipeline/, see lease.py
 
 
 class OutputExistsError(ConfigError):
@@ -122,18 +123,26 @@ class OutputStore:
         return self.fs.exists(self.path(rel) if rel else self.root)
 
     # -- job identity ----------------------------------------------------------------------------------------
-    def prepare(self, identity: Mapping[str, Any], overwrite: bool) -> bool:
-        """Creates the store for a run with `identity`, or checks an existing one matches.
+    def _content(self) -> list[str]:
+        """What the output location holds, except the run lease (which guards it, see lease.py)."""
+        if not self.exists():
+            return []
+        top = self.fs.ls(self.root, detail=False)
+        lease_dir = self.path(PIPELINE_DIR).rstrip("/")
+        if any(p.rstrip("/") == lease_dir for p in top):
+            rest = [p for p in self.fs.ls(lease_dir, detail=False) if p.rstrip("/").rsplit("/", 1)[-1] != LEASE_FILE]
+            top = [p for p in top if p.rstrip("/") != lease_dir] + rest
+        return top
 
-        Returns True when resuming an existing run. A different run in the way is refused (OutputExistsError)
-        unless `overwrite`, which deletes it first.
-        """
+    def check(self, identity: Mapping[str, Any], overwrite: bool) -> bool:
+        """Read-only: True when this is a resumable run with `identity`, False when the output is empty or
+        `overwrite` will replace it; a different run or a foreign folder in the way is refused."""
         job = {"format_version": FORMAT_VERSION, "identity": dict(identity)}
-        existing = self.get_json(f"{PIPELINE_DIR}/job.json") if self.exists() else None
-        has_content = self.exists() and bool(self.fs.ls(self.root, detail=False))
+        content = self._content()
+        existing = self.get_json(f"{PIPELINE_DIR}/job.json") if content else None
         if existing is not None and existing == json.loads(json.dumps(job, default=str)) and not overwrite:
             return True
-        if has_content and not overwrite:
+        if content and not overwrite:
             if existing is None:
                 raise OutputExistsError(f"{self.url} exists and was not written by this job; choose another "
                                         "--output or pass --overwrite to replace it")
@@ -141,14 +150,22 @@ class OutputStore:
                     if existing.get("identity", {}).get(k) != v}
             raise OutputExistsError(f"{self.url} holds a run with other settings {diff} (stored, requested); "
                                     "pass --overwrite to replace it, or use another --output")
-        if has_content:
+        return False
+
+    def prepare(self, identity: Mapping[str, Any], overwrite: bool) -> bool:
+        """Creates the store for a run with `identity`, or checks an existing one matches (call it holding
+        the output's lease). Returns True when resuming; `overwrite` deletes a different run first."""
+        if self.check(identity, overwrite):
+            return True
+        content = self._content()
+        if content:
             log.warning("--overwrite: deleting %s", self.url)
-            self.fs.rm(self.root, recursive=True)
-        root = zarr.open_group(zarr_store(self.url, self.storage_options), mode="w",
+            self.fs.rm(content, recursive=True)  # everything but the lease this run holds
+        root = zarr.open_group(zarr_store(self.url, self.storage_options), mode="a",
                                attributes={"featup": {"format_version": FORMAT_VERSION, **dict(identity)}})
         for group in ARRAY_GROUPS:
             root.create_group(group)
-        self.put_json(f"{PIPELINE_DIR}/job.json", job)
+        self.put_json(f"{PIPELINE_DIR}/job.json", {"format_version": FORMAT_VERSION, "identity": dict(identity)})
         return False
 
     # -- per-shard outputs -------------------------------------------------------------------------------------
