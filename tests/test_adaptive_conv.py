@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import cuda_ext
+from cuda_ext import build as cuda_build
+from cuda_ext import ops as ops_module
 from cuda_ext.ops import FALLBACK
 
 from .conftest import ROOT, requires_cuda, requires_nvcc
@@ -198,44 +200,359 @@ def test_import_survives_a_failed_build(tmp_path):
     assert "REASON" in proc.stdout and "Error" in proc.stdout
 
 
+# ---- edge cases shared by the CPU and CUDA entry points ------------------------------------------------
+
+
+def cpu_module():
+    """The compiled CPU extension (it also exports the CUDA launch plan, which is host code)."""
+    result = cuda_build.load_cpu()
+    assert result.module is not None, result.reason
+    return result.module
+
+
+def check_zero_channels(device: str, dtype: torch.dtype, k: int) -> None:
+    """C = 0: empty forward and input gradient, an all-zero filter gradient (an empty sum over channels)."""
+    x, f = random_case(2, 0, 5, 6, k, dtype=dtype, device=device)
+    go = torch.zeros(2, 0, 5, 6, dtype=dtype, device=device)
+    assert ops.adaptive_conv(x, f).shape == (2, 0, 5, 6)
+    assert ops.adaptive_conv_grad_input(go, f).shape == (2, 0, 5 + k - 1, 6 + k - 1)
+    zeros = torch.zeros(2, 5, 6, k, k, dtype=dtype, device=device)
+    torch.testing.assert_close(ops.adaptive_conv_grad_filters(go, x), zeros, rtol=0, atol=0)
+    x.requires_grad_()
+    f.requires_grad_()
+    gx, gf = torch.autograd.grad(cuda_ext.adaptive_conv(x, f), (x, f), go)
+    assert gx.shape == x.shape
+    torch.testing.assert_close(gf, zeros, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("k", [3, 11])
+def test_zero_channels(k):
+    check_zero_channels("cpu", torch.float64, k)
+
+
+def test_entry_points_refuse_operands_on_two_devices():
+    # Called directly (as torch.ops.featup.* reaches them), the C++ entry points check the devices before
+    # touching a pointer; a meta tensor stands in for a second device here.
+    m = cpu_module()
+    x, f = random_case(1, 2, 4, 4, 3, dtype=torch.float32)
+    go = torch.zeros(1, 2, 4, 4)
+    calls = [(m.forward, x, f.to("meta")), (m.grad_input, go, f.to("meta")), (m.grad_filters, go.to("meta"), x)]
+    for fn, a, b in calls:
+        with pytest.raises(RuntimeError, match=f"must be on one device, got {a.device} and {b.device}"):
+            fn(a, b)
+
+
+def test_float64_on_cuda_takes_the_fallback():
+    # Why the CUDA gradients are checked in float32 below: float64 CUDA tensors never reach a CUDA kernel.
+    assert ops_module.kernels_for("cuda", torch.float64) is FALLBACK
+
+
+# ---- the CUDA launch plan (host code, checked through the CPU extension) -------------------------------
+
+H100_SHARED = (49152, 232448)  # H100: per-block shared memory without and with the opt-in (bytes)
+GRID_X, GRID_YZ = 2**31 - 1, 65535  # CUDA's limits on gridDim.x and gridDim.y/z
+
+
+def launch_plan(op, B, C, H, W, k, deterministic=False, shared=H100_SHARED):
+    return cpu_module().cuda_launch_plan(op, B, C, H, W, k, deterministic, *shared)
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@pytest.mark.parametrize(
+    "op, B, C, H, W, k",
+    [
+        ("forward", 2 * 65535 + 3, 3, 5, 7, 3),  # three batch chunks
+        ("grad_input", 70000, 40, 2, 2, 5),
+        ("grad_filters", 65536, 33, 17, 16, 7),
+        ("forward", 1, 32 * 65535 + 1, 1, 1, 1),  # 65,536 channel groups: two chunks along y
+        ("grad_filters", 65535, 40, 3, 3, 3),  # exactly at the limit: one launch
+    ],
+)
+def test_launch_plan_covers_batch_and_channels_within_grid_limits(op, B, C, H, W, k):
+    plan = launch_plan(op, B, C, H, W, k)
+    rows, cols = (H + k - 1, W + k - 1) if op == "grad_input" else (H, W)
+    assert plan["block"] == (16, 16)
+    launches = plan["launches"]
+    assert len(launches) == ceil_div(B, GRID_YZ) * ceil_div(ceil_div(C, 32), GRID_YZ)
+    cells = []  # (batch range, channel-group range) of each launch
+    for launch in launches:
+        gx, gy, gz = launch["grid"]
+        assert gx <= GRID_X and gy <= GRID_YZ and gz <= GRID_YZ
+        assert launch["tiles_w"] == ceil_div(cols, 16) and gx == ceil_div(rows, 16) * ceil_div(cols, 16)
+        assert launch["channels_per_group"] == 32
+        cells.append(((launch["batch0"], launch["batch0"] + gz), (launch["group0"], launch["group0"] + gy)))
+    # The launches tile [0, B) x [0, groups) exactly: inside it, no overlap, total area equal.
+    groups = ceil_div(C, 32)
+    assert all(0 <= b0 < b1 <= B and 0 <= g0 < g1 <= groups for (b0, b1), (g0, g1) in cells)
+    for i, ((b0, b1), (g0, g1)) in enumerate(cells):
+        for (c0, c1), (h0, h1) in cells[i + 1:]:
+            assert b1 <= c0 or c1 <= b0 or g1 <= h0 or h1 <= g0
+    assert sum((b1 - b0) * (g1 - g0) for (b0, b1), (g0, g1) in cells) == B * groups
+
+
+@pytest.mark.parametrize(
+    "C, k, deterministic, groups, atomic, zero_init",
+    [
+        (32, 3, False, 1, False, False),  # one channel group: plain stores (JBU's key_dim 32)
+        (40, 3, False, 2, True, True),  # two groups meet in the buffer with atomicAdd
+        (40, 9, True, 1, False, False),  # deterministic: one group holds all 40 channels, no atomics
+        (40, 11, False, 2, True, True),  # runtime k
+        (40, 11, True, 1, False, True),  # runtime k, deterministic: one writer per tap, buffer starts at 0
+        (32, 1, False, 1, False, True),
+        (0, 3, False, 0, False, True),  # no channels: nothing to launch, the result is all zeros
+    ],
+)
+def test_launch_plan_filter_gradient_reduction(C, k, deterministic, groups, atomic, zero_init):
+    plan = launch_plan("grad_filters", 2, C, 19, 23, k, deterministic)
+    assert (plan["atomic"], plan["zero_init"]) == (atomic, zero_init)
+    assert sum(launch["grid"][1] for launch in plan["launches"]) == groups
+    if groups:
+        per_group = plan["launches"][0]["channels_per_group"]
+        assert per_group * groups >= C > per_group * (groups - 1)
+
+
+@pytest.mark.parametrize("op", ["forward", "grad_input"])
+def test_launch_plan_deterministic_mode_changes_only_the_filter_gradient(op):
+    assert launch_plan(op, 2, 40, 19, 23, 3, True) == launch_plan(op, 2, 40, 19, 23, 3, False)
+
+
+@pytest.mark.parametrize("op", ["forward", "grad_input", "grad_filters"])
+@pytest.mark.parametrize("B, C", [(0, 4), (3, 0)])
+def test_launch_plan_launches_nothing_for_empty_work(op, B, C):
+    # An empty grid is an invalid launch configuration; the entry points return empty or zero results.
+    assert launch_plan(op, B, C, 19, 23, 3)["launches"] == []
+
+
+def largest_fitting_k(limit: int) -> int:
+    return max(k for k in range(1, 1001, 2) if (16 + k - 1) ** 2 * 4 <= limit)
+
+
+@pytest.mark.parametrize("op", ["forward", "grad_input", "grad_filters"])
+@pytest.mark.parametrize("shared", [H100_SHARED, (49152, 101376)], ids=["H100", "99KiB-opt-in"])
+def test_launch_plan_shared_memory(op, shared):
+    default, optin = shared
+    for k in (1, 11, 95, 97, largest_fitting_k(optin)):
+        plan = launch_plan(op, 1, 4, 8, 8, k, shared=shared)
+        patch = (16 + k - 1) ** 2 * 4  # one float per pixel of the (16+k-1)^2 patch
+        assert plan["shared_bytes"] == patch
+        assert plan["opt_in"] == (patch > default)  # k >= 97 needs cudaFuncSetAttribute
+    too_big = largest_fitting_k(optin) + 2
+    with pytest.raises(RuntimeError, match=rf"k={too_big} needs {(15 + too_big) ** 2 * 4} bytes .* limit of {optin} "
+                                           rf"bytes; the largest filter size it runs is k={largest_fitting_k(optin)}"):
+        launch_plan(op, 1, 4, 8, 8, too_big, shared=shared)
+
+
+def test_launch_plan_refuses_planes_beyond_grid_x():
+    with pytest.raises(RuntimeError, match="grid limit"):
+        launch_plan("forward", 1, 1, 800_000, 800_000, 3)  # 2.5e9 tiles of 16x16
+
+
+# ---- CUDA: compile here, run where a GPU exists ---------------------------------------------------------
+
+
 @pytest.mark.slow
 @requires_nvcc
 def test_cuda_kernel_compiles():
-    """Compiles the CUDA kernels with nvcc (no GPU needed to compile)."""
+    """Compiles the CUDA kernels with nvcc (no GPU needed to compile) and checks their argument checks."""
     env = dict(os.environ, TORCH_CUDA_ARCH_LIST=os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0"))
     proc = subprocess.run([sys.executable, "-m", "cuda_ext.build", "--cuda", "yes"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
     assert "cuda: built" in proc.stdout
+    # The built module loads without a GPU; its entry points refuse bad operands before any CUDA call.
+    script = textwrap.dedent(
+        """
+        import torch
+        from cuda_ext import build
+        m = build.load_cuda().module
+        x, f, go = torch.zeros(1, 2, 6, 6), torch.zeros(1, 4, 4, 3, 3), torch.zeros(1, 2, 4, 4)
+        for fn, a, b, match in [
+            (m.forward, x, f.to("meta"), "input and filters must be on one device, got cpu and meta"),
+            (m.grad_input, go.to("meta"), f, "grad_output and filters must be on one device, got meta and cpu"),
+            (m.grad_filters, go, x.to("meta"), "grad_output and input must be on one device, got cpu and meta"),
+            (m.forward, x, f, "input must be a CUDA tensor, got cpu"),
+        ]:
+            try:
+                fn(a, b)
+            except RuntimeError as e:
+                assert match in str(e), str(e)
+            else:
+                raise AssertionError("no error for " + match)
+        print("CHECKED")
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0 and "CHECKED" in proc.stdout, proc.stdout + proc.stderr[-4000:]
 
 
-@requires_cuda
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("k", [3, 7, 11])
-def test_cuda_matches_reference(dtype, tol, k):
-    assert cuda_ext.implementation("cuda") == "compiled"
-    x, f = random_case(2, 40, 19, 23, k, dtype=torch.float64, seed=k)
-    x = x.cuda().to(dtype).requires_grad_()
-    f = f.cuda().to(dtype).requires_grad_()
-    xd, fd = x.detach().double().requires_grad_(), f.detach().double().requires_grad_()
+requires_two_gpus = pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason=f"needs two CUDA GPUs ({torch.cuda.device_count()} on this machine)"
+)
+# float32 accumulates at most k*k = 121 products per output (forward, input gradient) or C = 72 channels
+# (filter gradient) here: rounding stays far below 1e-5 of the largest value (k = 97 sums 9,409 products,
+# about 2e-6 in expectation).
+FLOAT32_TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def cuda_kernels():
+    """Fails (rather than silently testing the pure-PyTorch fallback) when the CUDA kernels did not build."""
+    assert cuda_ext.implementation("cuda") == "compiled", cuda_ext.implementation("cuda")
+
+
+def op_and_grads(x, f, go):
+    """The op's output and both gradients for output gradient go, through autograd."""
+    x = x.detach().requires_grad_()
+    f = f.detach().requires_grad_()
     out = cuda_ext.adaptive_conv(x, f)
-    exp = cuda_ext.adaptive_conv_reference(xd, fd)
-    scale = exp.abs().max()
-    assert ((out.double() - exp).abs().max() / scale) < tol
-    go = torch.randn_like(exp)
-    gx, gf = torch.autograd.grad(out, (x, f), go.to(dtype))
-    ex_gx, ex_gf = torch.autograd.grad(exp, (xd, fd), go)
-    assert ((gx.double() - ex_gx).abs().max() / ex_gx.abs().max()) < tol
-    assert ((gf.double() - ex_gf).abs().max() / ex_gf.abs().max()) < tol
-    assert (gf != 0).float().mean() > 0.99  # all k*k taps receive a gradient
+    gx, gf = torch.autograd.grad(out, (x, f), go)
+    return out.detach(), gx, gf
+
+
+def assert_matches_float64(x, f, go, results, tol):
+    """results = (output, grad_input, grad_filters) within tol * max|expected| of the float64 unfold reference
+    on CPU, evaluated on exactly the values of x, f and go."""
+    xd, fd = (t.detach().cpu().double().requires_grad_() for t in (x, f))
+    expected = cuda_ext.adaptive_conv_reference(xd, fd)
+    expected = (expected.detach(), *torch.autograd.grad(expected, (xd, fd), go.detach().cpu().double()))
+    for name, got, want in zip(("output", "grad_input", "grad_filters"), results, expected):
+        assert got.shape == want.shape, name
+        err = ((got.detach().cpu().double() - want).abs().max() / want.abs().max()).item()
+        assert err <= tol, f"{name}: max error {err:.2e} of the largest value, above {tol:.0e}"
+
+
+def cuda_case(B, C, H, W, k, seed, dtype=torch.float32, device="cuda"):
+    x, f = random_case(B, C, H, W, k, dtype=dtype, device=device, seed=seed)
+    go = torch.randn(B, C, H, W, generator=torch.Generator().manual_seed(seed + 1)).to(device=device, dtype=dtype)
+    return x, f, go
 
 
 @requires_cuda
-def test_cuda_gradcheck_float64_and_compile():
-    x, f = random_case(1, 3, 5, 4, 3, device="cuda", seed=2)
-    x.requires_grad_()
-    f.requires_grad_()
-    assert torch.autograd.gradcheck(cuda_ext.adaptive_conv, (x, f))
-    xf, ff = x.detach().float(), f.detach().float()
+@pytest.mark.parametrize("k", [1, 3, 5, 7, 9, 11])
+@pytest.mark.parametrize("C", [32, 40], ids=["one-channel-group", "two-channel-groups"])
+def test_cuda_kernel_paths_float32(cuda_kernels, C, k):
+    # 19 x 23 pixels: partial 16x16 tiles; C = 32 takes the plain-store filter gradient, C = 40 the atomic one;
+    # k = 3..9 the templated kernels, k = 1 and 11 the runtime-k ones.
+    x, f, go = cuda_case(2, C, 19, 23, k, seed=C + k)
+    results = op_and_grads(x, f, go)
+    assert_matches_float64(x, f, go, results, FLOAT32_TOL)
+    assert (results[2] != 0).float().mean() > 0.99  # all k*k taps receive a gradient
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("k", [3, 7, 11])
+def test_cuda_half_precision(cuda_kernels, dtype, tol, k):
+    # 16-bit inputs, float32 accumulation: the error is the final rounding to 16 bits.
+    x, f, go = cuda_case(2, 40, 19, 23, k, seed=k, dtype=dtype)
+    results = op_and_grads(x, f, go)
+    assert all(r.dtype == dtype for r in results)
+    assert_matches_float64(x, f, go, results, tol)
+
+
+@requires_cuda
+@pytest.mark.parametrize("k", [3, 11])
+def test_cuda_zero_channels(cuda_kernels, k):
+    check_zero_channels("cuda", torch.float32, k)
+    torch.cuda.synchronize()
+
+
+@requires_cuda
+def test_cuda_batch_beyond_grid_limit(cuda_kernels):
+    x, f, go = cuda_case(2 * 65535 + 3, 1, 1, 2, 3, seed=5)  # three launches along the batch
+    assert_matches_float64(x, f, go, op_and_grads(x, f, go), FLOAT32_TOL)
+
+
+@requires_cuda
+def test_cuda_refuses_operands_on_two_devices(cuda_kernels):
+    x, f, go = cuda_case(1, 2, 4, 4, 3, seed=1)
+    for call in (lambda: ops.adaptive_conv(x, f.cpu()), lambda: ops.adaptive_conv_grad_input(go, f.cpu()),
+                 lambda: ops.adaptive_conv_grad_filters(go.cpu(), x)):
+        with pytest.raises(RuntimeError, match="must be on one device"):
+            call()
+
+
+@requires_two_gpus
+def test_cuda_second_device(cuda_kernels):
+    x, f, go = cuda_case(2, 40, 19, 23, 5, seed=9, device="cuda:1")
+    with torch.cuda.device(0):  # the entry points must switch to the tensors' device
+        results = op_and_grads(x, f, go)
+    assert all(r.device == torch.device("cuda:1") for r in results)
+    assert_matches_float64(x, f, go, results, FLOAT32_TOL)
+    with pytest.raises(RuntimeError, match="must be on one device, got cuda:1 and cuda:0"):
+        ops.adaptive_conv(x, f.to("cuda:0"))
+    with pytest.raises(RuntimeError, match="must be on one device, got cuda:0 and cuda:1"):
+        ops.adaptive_conv_grad_filters(go.to("cuda:0"), x)
+
+
+@requires_cuda
+def test_cuda_runs_on_the_current_stream(cuda_kernels):
+    x0, f0, go0 = cuda_case(2, 40, 19, 23, 5, seed=12)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        # The inputs are written on the side stream only after a long sleep there: a kernel queued on any
+        # other stream would read them unwritten.
+        torch.cuda._sleep(100_000_000)
+        x, f, go = x0.clone(), f0.clone(), go0.clone()
+        results = op_and_grads(x, f, go)
+    side.synchronize()
+    assert_matches_float64(x0, f0, go0, results, FLOAT32_TOL)
+
+
+@requires_cuda
+def test_cuda_non_contiguous_inputs(cuda_kernels):
+    x, f, go = cuda_case(2, 40, 19, 23, 7, seed=6)
+    xt = x.transpose(2, 3).contiguous().transpose(2, 3)  # same values, other strides
+    ft = f.permute(0, 2, 1, 3, 4).contiguous().permute(0, 2, 1, 3, 4)
+    got = go.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # channels-last
+    sliced = torch.stack([x, torch.zeros_like(x)], dim=2).flatten(1, 2)[:, ::2]  # a channel-strided view
+    assert not any(t.is_contiguous() for t in (xt, ft, got, sliced))
+    results = op_and_grads(x, f, go)
+    assert_matches_float64(x, f, go, results, FLOAT32_TOL)
+    torch.testing.assert_close(ops.adaptive_conv(xt, ft), results[0], rtol=0, atol=0)
+    torch.testing.assert_close(ops.adaptive_conv(sliced, f), results[0], rtol=0, atol=0)
+    torch.testing.assert_close(ops.adaptive_conv_grad_input(got, ft), results[1], rtol=0, atol=0)
+    torch.testing.assert_close(ops.adaptive_conv_grad_filters(got, xt), results[2], rtol=0, atol=0)
+
+
+@requires_cuda
+@pytest.mark.parametrize("k", [3, 11])
+def test_cuda_deterministic_mode(cuda_kernels, k):
+    # 72 channels: three groups, which the filter gradient otherwise combines with atomics.
+    x, f, go = cuda_case(2, 72, 19, 23, k, seed=20 + k)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [ops.adaptive_conv_grad_filters(go, x) for _ in range(3)]
+        results = op_and_grads(x, f, go)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert all(torch.equal(run, runs[0]) for run in runs[1:])
+    assert torch.equal(results[2], runs[0])
+    assert_matches_float64(x, f, go, results, FLOAT32_TOL)
+
+
+@requires_cuda
+def test_cuda_filters_beyond_default_shared_memory(cuda_kernels):
+    # k = 97: a 112 x 112 float patch (50,176 bytes) per block, above the 48 KiB available without an opt-in.
+    x, f, go = cuda_case(1, 2, 3, 2, 97, seed=97)
+    assert_matches_float64(x, f, go, op_and_grads(x, f, go), FLOAT32_TOL)
+    limit = torch.cuda.get_device_properties(x.device).shared_memory_per_block_optin
+    k = largest_fitting_k(limit) + 2
+    x, f, go = cuda_case(1, 1, 1, 1, k, seed=0)
+    for call in (lambda: ops.adaptive_conv(x, f), lambda: ops.adaptive_conv_grad_input(go, f),
+                 lambda: ops.adaptive_conv_grad_filters(go, x)):
+        with pytest.raises(RuntimeError, match=f"k={k} needs .* limit of {limit} bytes"):
+            call()
+
+
+@requires_cuda
+def test_cuda_torch_compile(cuda_kernels):
+    x, f, _ = cuda_case(1, 3, 5, 4, 3, seed=2)
     compiled = torch.compile(lambda a, b: cuda_ext.adaptive_conv(a, b) * 2, fullgraph=True)
-    torch.testing.assert_close(compiled(xf, ff), cuda_ext.adaptive_conv(xf, ff) * 2)
+    torch.testing.assert_close(compiled(x, f), cuda_ext.adaptive_conv(x, f) * 2)

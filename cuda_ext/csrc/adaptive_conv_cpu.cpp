@@ -7,9 +7,11 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <string>
 #include <vector>
 
 #include "adaptive_conv_index.h"
+#include "adaptive_conv_launch.h"
 #include "adaptive_conv_shapes.h"
 
 namespace featup {
@@ -138,9 +140,9 @@ void check_cpu(const at::Tensor& t, const char* name) {
 }  // namespace
 
 at::Tensor forward_cpu(const at::Tensor& input_, const at::Tensor& filters_) {
+  const ConvGeometry g = forward_geometry(input_, filters_);
   check_cpu(input_, "input");
   check_cpu(filters_, "filters");
-  const ConvGeometry g = forward_geometry(input_, filters_);
   auto input = input_.contiguous();
   auto filters = filters_.contiguous();
   auto out = at::empty({g.B, g.C, g.H, g.W}, input.options());
@@ -151,9 +153,9 @@ at::Tensor forward_cpu(const at::Tensor& input_, const at::Tensor& filters_) {
 }
 
 at::Tensor grad_input_cpu(const at::Tensor& grad_out_, const at::Tensor& filters_) {
+  const ConvGeometry g = grad_input_geometry(grad_out_, filters_);
   check_cpu(grad_out_, "grad_output");
   check_cpu(filters_, "filters");
-  const ConvGeometry g = grad_input_geometry(grad_out_, filters_);
   auto grad_out = grad_out_.contiguous();
   auto filters = filters_.contiguous().to(grad_out.scalar_type());
   auto gx = at::empty({g.B, g.C, g.Hp(), g.Wp()}, grad_out.options());
@@ -164,9 +166,9 @@ at::Tensor grad_input_cpu(const at::Tensor& grad_out_, const at::Tensor& filters
 }
 
 at::Tensor grad_filters_cpu(const at::Tensor& grad_out_, const at::Tensor& input_) {
+  const ConvGeometry g = grad_filters_geometry(grad_out_, input_);
   check_cpu(grad_out_, "grad_output");
   check_cpu(input_, "input");
-  const ConvGeometry g = grad_filters_geometry(grad_out_, input_);
   const int64_t k = g.k;
   auto grad_out = grad_out_.contiguous();
   auto input = input_.contiguous().to(grad_out.scalar_type());
@@ -177,6 +179,26 @@ at::Tensor grad_filters_cpu(const at::Tensor& grad_out_, const at::Tensor& input
   return gk;
 }
 
+// The CUDA kernels' launch plan for op ("forward", "grad_input" or "grad_filters") on these sizes and
+// shared-memory limits. Pure host code, exported from this module so that GPU-less tests check it.
+pybind11::dict cuda_launch_plan(const std::string& op, int64_t B, int64_t C, int64_t H, int64_t W, int64_t k,
+                                bool deterministic, int64_t default_shared, int64_t optin_shared) {
+  using namespace pybind11::literals;
+  TORCH_CHECK(op == "forward" || op == "grad_input" || op == "grad_filters",
+              "cuda_launch_plan: op must be forward, grad_input or grad_filters, got ", op);
+  const ConvOp o = op == "forward" ? ConvOp::kForward : op == "grad_input" ? ConvOp::kGradInput : ConvOp::kGradFilters;
+  const LaunchPlan plan = plan_launch(o, ConvGeometry{B, C, H, W, k}, deterministic, default_shared, optin_shared);
+  pybind11::list launches;
+  for (const GridLaunch& l : plan.launches) {
+    launches.append(pybind11::dict("grid"_a = pybind11::make_tuple(l.grid_x, l.grid_y, l.grid_z),
+                                   "tiles_w"_a = l.map.tiles_w, "batch0"_a = l.map.batch0, "group0"_a = l.map.group0,
+                                   "channels_per_group"_a = l.map.channels_per_group));
+  }
+  return pybind11::dict("launches"_a = launches, "shared_bytes"_a = plan.shared_bytes, "opt_in"_a = plan.opt_in,
+                        "atomic"_a = plan.atomic, "zero_init"_a = plan.zero_init,
+                        "block"_a = pybind11::make_tuple(TILE_W, TILE_H));
+}
+
 }  // namespace featup
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -184,4 +206,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &featup::forward_cpu, "Y = adaptive_conv(X, K)");
   m.def("grad_input", &featup::grad_input_cpu, "dL/dX given dL/dY and K");
   m.def("grad_filters", &featup::grad_filters_cpu, "dL/dK given dL/dY and X");
+  m.def("cuda_launch_plan", &featup::cuda_launch_plan, "launch plan of the CUDA kernels (host code, for tests)");
 }

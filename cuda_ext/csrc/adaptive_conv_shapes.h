@@ -1,14 +1,23 @@
-// Host-side shape checks shared by the CPU and CUDA entry points: one place says what the op accepts.
+// Host-side shape and device checks shared by the CPU and CUDA entry points: one place says what the op accepts.
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include "adaptive_conv_index.h"
 
 namespace featup {
 
+// Both operands on one device: a kernel reads both through raw pointers of the current device.
+inline void check_same_device(const char* op, const char* a_name, const at::Tensor& a, const char* b_name,
+                              const at::Tensor& b) {
+  TORCH_CHECK(a.device() == b.device(), "adaptive_conv ", op, ": ", a_name, " and ", b_name,
+              " must be on one device, got ", a.device(), " and ", b.device(), "; move one with .to(",
+              a.device(), ")");
+}
+
 // Y = adaptive_conv(X, K): X (B,C,H+k-1,W+k-1), K (B,H,W,k,k).
 inline ConvGeometry forward_geometry(const at::Tensor& input, const at::Tensor& filters) {
+  check_same_device("forward", "input", input, "filters", filters);
   TORCH_CHECK(input.dim() == 4, "adaptive_conv: input must be (B,C,H+k-1,W+k-1), got ", input.sizes());
   TORCH_CHECK(filters.dim() == 5, "adaptive_conv: filters must be (B,H,W,k,k), got ", filters.sizes());
   const int64_t k = filters.size(3);
@@ -25,6 +34,7 @@ inline ConvGeometry forward_geometry(const at::Tensor& input, const at::Tensor& 
 
 // dX given dY (B,C,H,W) and K (B,H,W,k,k).
 inline ConvGeometry grad_input_geometry(const at::Tensor& grad_out, const at::Tensor& filters) {
+  check_same_device("grad_input", "grad_output", grad_out, "filters", filters);
   TORCH_CHECK(grad_out.dim() == 4 && filters.dim() == 5, "adaptive_conv grad_input: bad ranks ", grad_out.sizes(),
               " ", filters.sizes());
   const int64_t k = filters.size(3);
@@ -36,6 +46,7 @@ inline ConvGeometry grad_input_geometry(const at::Tensor& grad_out, const at::Te
 
 // dK given dY (B,C,H,W) and X (B,C,H+k-1,W+k-1); k is implied by the sizes.
 inline ConvGeometry grad_filters_geometry(const at::Tensor& grad_out, const at::Tensor& input) {
+  check_same_device("grad_filters", "grad_output", grad_out, "input", input);
   TORCH_CHECK(grad_out.dim() == 4 && input.dim() == 4, "adaptive_conv grad_filters: bad ranks ", grad_out.sizes(),
               " ", input.sizes());
   const int64_t k = input.size(2) - grad_out.size(2) + 1;
