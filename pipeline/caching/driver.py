@@ -114,7 +114,7 @@ def _store_upsampler(model, store: OutputStore) -> None:
     """The lowres preset's reader re-runs the JBU: keep its exact weights with the cache."""
     from featup_ops import save_jbu
 
-    save_jbu(model.upsampler, store.url_of(UPSAMPLER_NAME), store.storage_options)
+    save_jbu(model.upsampler, store.url_of(UPSAMPLER_NAME), store.resolved_options)
 
 
 def _write_previews(config: JobConfig, store: OutputStore) -> None:

@@ -88,6 +88,11 @@ class OutputStore:
         self.storage_options = dict(storage_options or {})
         self.fs, self.root = filesystem(self.url, self.storage_options)
 
+    @property
+    def resolved_options(self) -> dict[str, Any]:
+        """The storage options every access to this output uses (endpoint, checksums), for code outside fsspec."""
+        return resolve_options(self.url, self.storage_options)
+
     # -- paths ---------------------------------------------------------------------------------------------
     def path(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts])

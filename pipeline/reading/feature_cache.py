@@ -157,7 +157,7 @@ class FeatureCache(torch.utils.data.Dataset):
 
             kind = self.run.get("settings", {}).get("upsampler")
             if kind == "jbu":
-                self._upsampler = load_jbu(self.store.url_of(UPSAMPLER_NAME), self.storage_options)
+                self._upsampler = load_jbu(self.store.url_of(UPSAMPLER_NAME), self.store.resolved_options)
             else:
                 self._upsampler = create_upsampler(kind, self.dim)
             self._upsampler = self._upsampler.to(self.device).eval()

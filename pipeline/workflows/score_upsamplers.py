@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from pipeline.options import ConfigError, option
-from pipeline.storage.filesystems import put_json
+from pipeline.storage.filesystems import put_json, resolve_options
 from pipeline.storage.images import SampleError, images_to_tensor, load_sample_image
 from pipeline.storage.shards import InputError, iter_samples, resolve_shards
 
@@ -109,13 +109,13 @@ def evaluate(cfg: EvalConfig) -> dict[str, dict]:
     from featup_ops.upsampler_metrics import evaluate_upsampler
 
     backbone = create_backbone(cfg.backbone, weights=cfg.backbone_weights, random_init=cfg.random_init,
-                               storage_options=cfg.storage_options)
+                               storage_options=resolve_options(cfg.backbone_weights, cfg.storage_options))
     upsamplers = {}
     for name in cfg.upsampler:
         kwargs = cfg.implicit_options() if name == "implicit" else {}
         weights = cfg.upsampler_weights if name == "jbu" else None
         upsamplers[name] = create_upsampler(name, backbone.dim, weights=weights, random_init=cfg.random_init,
-                                            storage_options=cfg.storage_options, **kwargs)
+                                            storage_options=resolve_options(weights, cfg.storage_options), **kwargs)
     norms = {n: u.channel_norm for n, u in upsamplers.items() if getattr(u, "channel_norm", None) is not None}
     if norms:  # every upsampler works on the features the trained one expects
         backbone.channel_norm = next(iter(norms.values()))
