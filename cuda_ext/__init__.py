@@ -1,10 +1,14 @@
-"""The adaptive convolution at the heart of FeatUp's JBU, as a PyTorch operator.
+"""The upsamplers' hot loops as PyTorch operators with fused C++ (CPU) and CUDA kernels.
 
-    out[b,c,h,w] = sum_{i,j} filters[b,h,w,i,j] * input[b,c,h+i,w+j]
+    adaptive_conv     out[b,c,h,w] = sum_{i,j} filters[b,h,w,i,j] * input[b,c,h+i,w+j]        (FeatUp's JBU)
+    window_attention  out[b,c,i,j] = sum_{(y,x) in window(i,j)} A[b,i,j,y,x] * v[b,c,y,x]    (AnyUp)
+                      A = mean over heads of softmax over the window of q.k / sqrt(d)
 
-`adaptive_conv` runs fused C++ (CPU) or CUDA kernels, built just in time on first use; importing this
-package never builds anything and never fails because a build failed (see `cuda_ext.ops`).
-`adaptive_conv_reference` is the literal unfold formula, kept for tests and benchmarks.
+Each family's kernels are built just in time on first use (`python -m cuda_ext.build` builds all ahead of
+time); importing this package never builds anything and never fails because a build failed: the family then
+runs its pure-PyTorch kernels, with one warning (see `cuda_ext.ops`). `adaptive_conv_reference` and
+`window_attention_reference` are the literal (memory-hungry) formulas, kept for tests and benchmarks;
+`anyup_windows` computes AnyUp's key windows.
 """
 
 from __future__ import annotations
@@ -12,30 +16,13 @@ from __future__ import annotations
 import torch
 
 from . import ops
+from .checks import check_pair, check_tensor
+from .attention import anyup_windows, window_attention
+from .attention_reference import window_attention_reference
 from .reference import adaptive_conv_reference, local_dot_reference
 
-__all__ = ["adaptive_conv", "adaptive_conv_reference", "local_dot", "local_dot_reference", "implementation"]
-
-_FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _check_tensor(name: str, t: object, rank: int, layout: str) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(t).__name__}")
-    if t.dim() != rank:
-        raise ValueError(f"{name} must have rank {rank} {layout}, got shape {tuple(t.shape)}")
-    if t.dtype not in _FLOATING:
-        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-    return t
-
-
-def _check_pair(a_name: str, a: torch.Tensor, b_name: str, b: torch.Tensor) -> None:
-    if a.dtype != b.dtype:
-        raise TypeError(f"{a_name} and {b_name} must share a dtype, got {a.dtype} and {b.dtype}; cast one of them")
-    if a.device != b.device:
-        raise ValueError(f"{a_name} and {b_name} must be on one device, got {a.device} and {b.device}")
-    if a.shape[0] != b.shape[0]:
-        raise ValueError(f"batch sizes differ: {a_name} {tuple(a.shape)} vs {b_name} {tuple(b.shape)}")
+__all__ = ["adaptive_conv", "adaptive_conv_reference", "local_dot", "local_dot_reference", "window_attention",
+           "window_attention_reference", "anyup_windows", "implementation"]
 
 
 def adaptive_conv(input: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
@@ -43,9 +30,9 @@ def adaptive_conv(input: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
 
     Differentiable in both arguments; float16/bfloat16 accumulate in float32.
     """
-    _check_tensor("input", input, 4, "(B, C, H+k-1, W+k-1)")
-    _check_tensor("filters", filters, 5, "(B, H, W, k, k)")
-    _check_pair("input", input, "filters", filters)
+    check_tensor("input", input, 4, "(B, C, H+k-1, W+k-1)")
+    check_tensor("filters", filters, 5, "(B, H, W, k, k)")
+    check_pair("input", input, "filters", filters)
     k = filters.shape[3]
     if filters.shape[4] != k:
         raise ValueError(f"filters must be square k x k taps, got {tuple(filters.shape[3:])}")
@@ -67,9 +54,9 @@ def local_dot(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     The same contraction as the adaptive conv's filter gradient, so it runs on the same fused kernels
     (the JBU range kernel uses it instead of unfolding the keys).
     """
-    _check_tensor("query", query, 4, "(B, C, H, W)")
-    _check_tensor("keys", keys, 4, "(B, C, H+k-1, W+k-1)")
-    _check_pair("query", query, "keys", keys)
+    check_tensor("query", query, 4, "(B, C, H, W)")
+    check_tensor("keys", keys, 4, "(B, C, H+k-1, W+k-1)")
+    check_pair("query", query, "keys", keys)
     kh, kw = keys.shape[2] - query.shape[2] + 1, keys.shape[3] - query.shape[3] + 1
     if query.shape[1] != keys.shape[1] or kh != kw or kh < 1 or kh % 2 == 0:
         raise ValueError(
@@ -78,6 +65,7 @@ def local_dot(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return torch.ops.featup.adaptive_conv_grad_filters(query, keys)
 
 
-def implementation(device_type: str = "cpu") -> str:
-    """'compiled' when the fused kernels serve this device type, else why the fallback is used."""
-    return ops.implementation(device_type)
+def implementation(device_type: str = "cpu", family: str = "adaptive_conv") -> str:
+    """'compiled' when the fused kernels of `family` ("adaptive_conv" or "window_attention") serve this device
+    type, else why the fallback is used."""
+    return ops.implementation(device_type, family)

@@ -1,8 +1,9 @@
-"""Just-in-time build (ninja) and loading of the compiled adaptive-conv kernels.
+"""Just-in-time build (ninja) and loading of the compiled kernels, one extension per operator family and device.
 
-`python -m cuda_ext.build` builds ahead of time; otherwise the first call on a device builds and caches
-(under TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions). A failed build never raises here: the
-caller gets the reason and falls back to the pure-PyTorch kernels.
+Families (`FAMILIES`): `adaptive_conv` (FeatUp's JBU) and `window_attention` (AnyUp's windowed cross-attention).
+`python -m cuda_ext.build` builds them all ahead of time; otherwise the first call of a family on a device builds
+and caches it (under TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions). A failed build never raises here:
+the caller gets the reason and falls back to that family's pure-PyTorch kernels.
 """
 
 from __future__ import annotations
@@ -18,8 +19,27 @@ from pathlib import Path
 from types import ModuleType
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-CPU_SOURCES = [CSRC / "adaptive_conv_cpu.cpp"]
-CUDA_SOURCES = [CSRC / "adaptive_conv_cuda.cu"]
+
+
+@dataclass(frozen=True)
+class Family:
+    """One operator family's kernel sources: each (family, device type) pair is its own extension module."""
+
+    name: str
+    cpu_sources: tuple[Path, ...]
+    cuda_sources: tuple[Path, ...]
+    cflags: tuple[str, ...] = ()  # extra host-compiler flags
+
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family("adaptive_conv", (CSRC / "adaptive_conv_cpu.cpp",), (CSRC / "adaptive_conv_cuda.cu",)),
+        # Its tiles are written as multiply-adds: let the compiler fuse them (C++17 mode would not by default).
+        Family("window_attention", (CSRC / "window_attention_cpu.cpp",), (CSRC / "window_attention_cuda.cu",),
+               ("-ffp-contract=fast",)),
+    )
+}
 # GPU architectures when TORCH_CUDA_ARCH_LIST is unset and no GPU is visible (A100, A10/3090, H100; PTX for newer).
 DEFAULT_CUDA_ARCHS = "8.0;8.6;9.0+PTX"
 
@@ -33,7 +53,7 @@ class BuildResult:
 
 
 _lock = threading.Lock()
-_cache: dict[str, BuildResult] = {}
+_cache: dict[tuple[str, str], BuildResult] = {}
 
 
 def _cpu_isa_flags() -> list[str]:
@@ -49,13 +69,13 @@ def _verbose() -> bool:
     return os.environ.get("FEATUP_BUILD_VERBOSE", "0") == "1"
 
 
-def _load(name: str, sources: list[Path], cuda: bool) -> ModuleType:
+def _load(name: str, sources: tuple[Path, ...], cuda: bool, extra_cflags: tuple[str, ...] = ()) -> ModuleType:
     _resolve_cuda_home()
     if not _verbose():  # its import warns "No CUDA runtime is found" on every GPU-less machine
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     from torch.utils import cpp_extension
 
-    cflags = ["-O3", *(_cpu_isa_flags())]  # the C++ standard is the one torch asks for
+    cflags = ["-O3", *(_cpu_isa_flags()), *extra_cflags]  # the C++ standard is the one torch asks for
     kwargs: dict = dict(
         name=name,
         sources=[str(s) for s in sources],
@@ -114,13 +134,14 @@ def _cuda_build_problem() -> str | None:
     return None
 
 
-def load_cpu() -> BuildResult:
-    """The compiled CPU kernels (built on first call)."""
-    return _load_cached("cpu", lambda: _load("featup_adaptive_conv_cpu", CPU_SOURCES, cuda=False))
-
-
-def load_cuda() -> BuildResult:
-    """The compiled CUDA kernels (built on first call, only where a CUDA toolkit exists)."""
+def load(family: str, device_type: str) -> BuildResult:
+    """The compiled kernels of `family` ("adaptive_conv", ...) for device_type "cpu" or "cuda" (built on first
+    call; CUDA only where a CUDA toolkit exists)."""
+    fam = FAMILIES[family]
+    if device_type == "cpu":
+        return _load_cached(family, "cpu", lambda: _load(f"featup_{family}_cpu", fam.cpu_sources, False, fam.cflags))
+    if device_type != "cuda":
+        raise ValueError(f"no compiled kernels for device type {device_type!r}: expected 'cpu' or 'cuda'")
 
     def build() -> ModuleType:
         problem = _cuda_build_problem()
@@ -131,23 +152,25 @@ def load_cuda() -> BuildResult:
 
             if not torch.cuda.is_available():
                 os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
-        return _load("featup_adaptive_conv_cuda", CUDA_SOURCES, cuda=True)
+        return _load(f"featup_{family}_cuda", fam.cuda_sources, True, fam.cflags)
 
-    return _load_cached("cuda", build)
+    return _load_cached(family, "cuda", build)
 
 
-def _load_cached(kind: str, build) -> BuildResult:
+def _load_cached(family: str, kind: str, build) -> BuildResult:
+    key = (family, kind)
     with _lock:
-        if kind not in _cache:
-            if os.environ.get("FEATUP_DISABLE_EXTENSION", "") in ("1", kind, "all"):
-                _cache[kind] = BuildResult(None, "disabled by FEATUP_DISABLE_EXTENSION")
+        if key not in _cache:
+            # FEATUP_DISABLE_EXTENSION: 1/all, a device type (cpu, cuda), or a family name disables those builds.
+            if os.environ.get("FEATUP_DISABLE_EXTENSION", "") in ("1", "all", kind, family):
+                _cache[key] = BuildResult(None, "disabled by FEATUP_DISABLE_EXTENSION")
             else:
                 try:
-                    _cache[kind] = BuildResult(build())
+                    _cache[key] = BuildResult(build())
                 except Exception as exc:  # noqa: BLE001 - any build/load failure means "use the fallback"
                     first = str(exc).strip().splitlines()
-                    _cache[kind] = BuildResult(None, f"{type(exc).__name__}: {first[-1] if first else exc}")
-        return _cache[kind]
+                    _cache[key] = BuildResult(None, f"{type(exc).__name__}: {first[-1] if first else exc}")
+        return _cache[key]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,21 +178,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cuda", choices=("auto", "yes", "no"), default="auto",
                         help="build the CUDA kernels: auto = where a GPU, nvcc and a CUDA PyTorch exist; "
                              "yes = compile even without a GPU (a compile check)")
+    parser.add_argument("--family", choices=sorted(FAMILIES), action="append",
+                        help="build only this operator family (repeatable; default: all)")
     args = parser.parse_args(argv)
-    ok = True
-    cpu = load_cpu()
-    print(f"cpu : {'built ' + cpu.module.__file__ if cpu.module else 'FAILED: ' + cpu.reason}")
-    ok &= cpu.module is not None
     import torch
 
     want_cuda = args.cuda == "yes" or (args.cuda == "auto" and torch.cuda.is_available()
                                        and _cuda_build_problem() is None)
-    if want_cuda:
-        cu = load_cuda()
-        print(f"cuda: {'built ' + cu.module.__file__ if cu.module else 'FAILED: ' + cu.reason}")
-        ok &= cu.module is not None
-    else:
-        print(f"cuda: skipped ({_cuda_build_problem() or 'no GPU here' if args.cuda == 'auto' else 'not requested'})")
+    ok = True
+    for family in args.family or list(FAMILIES):
+        cpu = load(family, "cpu")
+        print(f"{family} cpu : {'built ' + cpu.module.__file__ if cpu.module else 'FAILED: ' + cpu.reason}")
+        ok &= cpu.module is not None
+        if want_cuda:
+            cu = load(family, "cuda")
+            print(f"{family} cuda: {'built ' + cu.module.__file__ if cu.module else 'FAILED: ' + cu.reason}")
+            ok &= cu.module is not None
+        else:
+            why = (_cuda_build_problem() or "no GPU here") if args.cuda == "auto" else "not requested"
+            print(f"{family} cuda: skipped ({why})")
     return 0 if ok else 1
 
 

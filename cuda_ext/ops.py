@@ -1,4 +1,5 @@
-"""The adaptive convolution as PyTorch operators in the `featup` namespace.
+"""The adaptive convolution as PyTorch operators in the `featup` namespace, and the per-family kernel chooser
+(compiled extension or pure-PyTorch fallback) that every operator family shares.
 
 Three ops close under differentiation, so autograd (to any order) and torch.compile work through them:
 
@@ -35,40 +36,49 @@ FALLBACK = SimpleNamespace(
     __name__="pure-PyTorch shifted kernels",
 )
 
-_chosen: dict[str, tuple[object, str]] = {}
+# Each operator family's pure-PyTorch kernels, used where its compiled kernels are unavailable.
+_FALLBACKS: dict[str, object] = {"adaptive_conv": FALLBACK}
+_chosen: dict[tuple[str, str], tuple[object, str]] = {}
 _choose_lock = threading.Lock()
 
 
-def kernels_for(device_type: str, dtype: torch.dtype = torch.float32):
-    """The kernel set used for tensors of this device type and dtype (builds on first call)."""
+def register_fallback(family: str, kernels: object) -> None:
+    """Names the pure-PyTorch kernel set of an operator family (same attribute names as its extension)."""
+    _FALLBACKS[family] = kernels
+
+
+def kernels_for(device_type: str, dtype: torch.dtype = torch.float32, family: str = "adaptive_conv"):
+    """The kernel set of `family` used for tensors of this device type and dtype (builds on first call)."""
+    fallback = _FALLBACKS[family]
     if device_type == "cuda" and dtype == torch.float64:
-        return FALLBACK  # the CUDA kernels accumulate in float32; keep double precision exact
+        return fallback  # the CUDA kernels accumulate in float32; keep double precision exact
     if device_type not in ("cpu", "cuda"):
-        return FALLBACK
+        return fallback
     with _choose_lock:
-        if device_type not in _chosen:
+        key = (family, device_type)
+        if key not in _chosen:
             from . import build  # imported lazily: importing the package must stay build-free
 
-            result = build.load_cpu() if device_type == "cpu" else build.load_cuda()
+            result = build.load(family, device_type)
             if result.module is not None:
-                _chosen[device_type] = (result.module, "compiled")
-                log.info("featup adaptive_conv: using compiled %s kernels", device_type)
+                _chosen[key] = (result.module, "compiled")
+                log.info("featup %s: using compiled %s kernels", family, device_type)
             else:
-                _chosen[device_type] = (FALLBACK, result.reason)
+                _chosen[key] = (fallback, result.reason)
                 warnings.warn(
-                    f"featup adaptive_conv: the compiled {device_type} kernel is unavailable ({result.reason}); "
+                    f"featup {family}: the compiled {device_type} kernel is unavailable ({result.reason}); "
                     "using the pure-PyTorch fallback (same results, slower). "
                     "Run `python -m cuda_ext.build` to see the build log.",
                     RuntimeWarning,
                     stacklevel=3,
                 )
-        return _chosen[device_type][0]
+        return _chosen[key][0]
 
 
-def implementation(device_type: str) -> str:
-    """'compiled' or the reason the fallback is used for this device type (triggers the build)."""
-    kernels_for(device_type)
-    return _chosen.get(device_type, (FALLBACK, "no compiled kernel for this device type"))[1]
+def implementation(device_type: str, family: str = "adaptive_conv") -> str:
+    """'compiled' or the reason the fallback is used for this family and device type (triggers the build)."""
+    kernels_for(device_type, family=family)
+    return _chosen.get((family, device_type), (None, "no compiled kernel for this device type"))[1]
 
 
 def _register_kernels(op: str, attr: str) -> None:
