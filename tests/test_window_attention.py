@@ -114,6 +114,15 @@ def test_unrequested_gradients_are_skipped():
     torch.testing.assert_close(gk, ek, rtol=1e-11, atol=1e-12)
 
 
+def test_zero_channels():
+    q, k, v, rows, cols = random_case(B=2, N=2, Hq=4, Wq=3, h=2, w=2, d=3, C=0, seed=14)
+    q.requires_grad_()
+    out = cuda_ext.window_attention(q, k, v, rows, cols)
+    assert out.shape == (2, 0, 4, 3)
+    (gq,) = torch.autograd.grad(out, q, torch.ones_like(out))
+    assert gq.shape == q.shape and (gq == 0).all()
+
+
 def test_gradcheck_float64():
     q, k, v, rows, cols = random_case(B=2, N=2, Hq=5, Wq=7, h=3, w=4, d=3, C=2, seed=5)
     args = [t.requires_grad_() for t in (q, k, v)]

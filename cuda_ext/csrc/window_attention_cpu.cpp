@@ -501,10 +501,12 @@ std::vector<at::Tensor> backward_cpu(const at::Tensor& grad_out, const at::Tenso
               ", got ", grad_out.sizes());
   auto go = grad_out.to(q.scalar_type()).contiguous();
   const auto acc = accumulation_type(q.scalar_type());
-  auto gq = need_q ? at::empty_like(p.q) : at::empty({0}, q.options());
+  const bool run = go.numel() > 0 && (need_q || need_k || need_v);
+  // Every query's gradient is written when the kernel runs; with no channels it is zero.
+  auto gq = need_q ? (run ? at::empty_like(p.q) : at::zeros_like(p.q)) : at::empty({0}, q.options());
   auto gk = need_k ? at::zeros({g.B, g.N, g.h, g.w, g.d}, q.options().dtype(acc)) : at::empty({0}, q.options());
   auto gv = need_v ? at::zeros({g.B, g.C, g.h, g.w}, q.options().dtype(acc)) : at::empty({0}, q.options());
-  if (go.numel() > 0 && (need_q || need_k || need_v)) {
+  if (run) {
     auto vt = p.v.permute({0, 2, 3, 1}).contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "window_attention_backward_cpu", [&] {
       using T = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
