@@ -205,7 +205,7 @@ def test_import_survives_a_failed_build(tmp_path):
 
 def cpu_module():
     """The compiled CPU extension (it also exports the CUDA launch plan, which is host code)."""
-    result = cuda_build.load_cpu()
+    result = cuda_build.load("adaptive_conv", "cpu")
     assert result.module is not None, result.reason
     return result.module
 
@@ -358,16 +358,16 @@ def test_launch_plan_refuses_planes_beyond_grid_x():
 def test_cuda_kernel_compiles():
     """Compiles the CUDA kernels with nvcc (no GPU needed to compile) and checks their argument checks."""
     env = dict(os.environ, TORCH_CUDA_ARCH_LIST=os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0"))
-    proc = subprocess.run([sys.executable, "-m", "cuda_ext.build", "--cuda", "yes"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=1500)
+    proc = subprocess.run([sys.executable, "-m", "cuda_ext.build", "--cuda", "yes", "--family", "adaptive_conv"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
-    assert "cuda: built" in proc.stdout
+    assert "adaptive_conv cuda: built" in proc.stdout
     # The built module loads without a GPU; its entry points refuse bad operands before any CUDA call.
     script = textwrap.dedent(
         """
         import torch
         from cuda_ext import build
-        m = build.load_cuda().module
+        m = build.load("adaptive_conv", "cuda").module
         x, f, go = torch.zeros(1, 2, 6, 6), torch.zeros(1, 4, 4, 3, 3), torch.zeros(1, 2, 4, 4)
         for fn, a, b, match in [
             (m.forward, x, f.to("meta"), "input and filters must be on one device, got cpu and meta"),

@@ -337,6 +337,31 @@ def test_cuda_kernel_compiles():
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
     assert "window_attention cuda: built" in proc.stdout
+    # The built module loads without a GPU; its entry points refuse bad operands before any CUDA call.
+    script = textwrap.dedent(
+        """
+        import torch
+        from cuda_ext import build
+        m = build.load("window_attention", "cuda").module
+        q, k, v = torch.zeros(1, 2, 3, 3, 4), torch.zeros(1, 2, 2, 2, 4), torch.zeros(1, 5, 2, 2)
+        rows = cols = torch.tensor([[0, 1], [0, 2], [1, 2]])
+        for fn, args, match in [
+            (m.forward, (q, k, v, rows, cols), "q must be a CUDA tensor, got cpu"),
+            (m.backward, (torch.zeros(1, 5, 3, 3), q, k, v, rows, cols, True, True, True),
+             "q must be a CUDA tensor, got cpu"),
+        ]:
+            try:
+                fn(*args)
+            except RuntimeError as e:
+                assert match in str(e), str(e)
+            else:
+                raise AssertionError("accepted: " + match)
+        print("CHECKED")
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0 and "CHECKED" in proc.stdout, proc.stderr[-3000:]
 
 
 @requires_cuda

@@ -300,6 +300,7 @@ float scale_of(const AttnGeometry& g) { return static_cast<float>(std::pow(stati
 
 at::Tensor forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& rows,
                         const at::Tensor& cols) {
+  check_cuda(q, "q", q);
   c10::cuda::CUDAGuard guard(q.device());
   const Prepared pr = prepare(q, k, v, rows, cols, KCACHE + CG);
   const AttnGeometry& g = pr.g;
@@ -319,6 +320,7 @@ at::Tensor forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tens
 std::vector<at::Tensor> backward_cuda(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                                       const at::Tensor& v, const at::Tensor& rows, const at::Tensor& cols, bool need_q,
                                       bool need_k, bool need_v) {
+  check_cuda(q, "q", q);
   c10::cuda::CUDAGuard guard(q.device());
   check_cuda(grad_out, "grad_output", q);
   const AttnGeometry g0 = attention_geometry(q, k, v, rows, cols);
