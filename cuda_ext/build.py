@@ -35,7 +35,7 @@ FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
         Family("adaptive_conv", (CSRC / "adaptive_conv_cpu.cpp",), (CSRC / "adaptive_conv_cuda.cu",)),
-        # Its tiles are written as multiply-adds: let the compiler fuse them (C++17 mode would not by default).
+        # Its tiles are written as multiply-adds: let the compiler fuse them (ISO C++ mode, as torch builds, would not).
         Family("window_attention", (CSRC / "window_attention_cpu.cpp",), (CSRC / "window_attention_cuda.cu",),
                ("-ffp-contract=fast",)),
     )

@@ -54,7 +54,6 @@ struct KeyWindow {
   FEATUP_WA_HD int64_t size() const { return height() * width(); }
   FEATUP_WA_HD int64_t key_y(int64_t t) const { return y0 + t / width(); }
   FEATUP_WA_HD int64_t key_x(int64_t t) const { return x0 + t % width(); }
-  FEATUP_WA_HD bool contains_column(int64_t x) const { return x >= x0 && x < x1; }
 };
 
 // The window of query (i, j) from the per-row and per-column bounds ((n, 2) int64 arrays).
