@@ -76,10 +76,7 @@ def dense_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ro
 def fused_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor,
                            cols: torch.Tensor) -> torch.Tensor:
     """The same result on `cuda_ext.window_attention`, which computes the window only."""
-    op = getattr(cuda_ext, "window_attention", None)
-    if op is None:
-        raise RuntimeError("this cuda_ext has no window_attention operator; use AnyUp(attention='dense')")
-    return op(q, k, v, rows.to(q.device), cols.to(q.device))
+    return cuda_ext.window_attention(q, k, v, rows.to(q.device), cols.to(q.device))
 
 
 def _size(value: Sequence[int] | None, default: tuple[int, int]) -> tuple[int, int]:
@@ -105,6 +102,7 @@ class AnyUp(nn.Module):
         self.dim, self.heads, self.window_ratio = dim, heads, window_ratio
         self.unification_kernel = unification_kernel
         self.attention = attention
+        self.weights_id: str | None = None  # set by load_anyup: a fingerprint of the weights loaded
         self.image_encoder = encoder(3, dim)
         self.key_encoder = encoder(dim, dim)
         self.query_encoder = encoder(dim, dim)
@@ -122,6 +120,9 @@ class AnyUp(nn.Module):
     def attention(self, kind: str) -> None:
         if kind not in ATTENTION_KINDS:
             raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {kind!r}")
+        if kind == "fused" and not hasattr(cuda_ext, "window_attention"):
+            raise ValueError("attention='fused' needs cuda_ext.window_attention, which this installation lacks; "
+                             "use attention='dense'")
         self._attention = kind
 
     def config(self) -> dict:
@@ -178,11 +179,14 @@ class AnyUp(nn.Module):
 class AnyUpUpsampler(nn.Module):
     """AnyUp behind the upsampler registry's call `up(features, guidance)`, output at the guidance's size."""
 
-    def __init__(self, anyup: AnyUp, q_chunk_size: int | None = None, weights_id: str | None = None):
+    def __init__(self, anyup: AnyUp, q_chunk_size: int | None = None):
         super().__init__()
         self.anyup = anyup
         self.q_chunk_size = q_chunk_size
-        self.weights_id = weights_id
+
+    @property
+    def weights_id(self) -> str | None:
+        return self.anyup.weights_id
 
     def config(self) -> dict:
         return {**self.anyup.config(), "output_size": "image"}
