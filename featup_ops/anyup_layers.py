@@ -13,8 +13,12 @@ GROUPS = 8  # GroupNorm groups in every residual block
 
 
 def conv(in_dim: int, out_dim: int, kernel_size: int = 1) -> nn.Conv2d:
-    """A bias-free convolution with reflect padding kernel_size // 2 (AnyUp's only kind but one)."""
-    return nn.Conv2d(in_dim, out_dim, kernel_size, padding=kernel_size // 2, padding_mode="reflect", bias=False)
+    """A bias-free convolution with reflect padding kernel_size // 2 (AnyUp's only kind but one).
+
+    A 1x1 convolution has no padding: it is built without the padding mode, which would copy its input.
+    """
+    mode = "reflect" if kernel_size > 1 else "zeros"
+    return nn.Conv2d(in_dim, out_dim, kernel_size, padding=kernel_size // 2, padding_mode=mode, bias=False)
 
 
 class ResBlock(nn.Module):
@@ -22,14 +26,14 @@ class ResBlock(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int, kernel_size: int = 1):
         super().__init__()
-        self.block = nn.Sequential(
-            nn.GroupNorm(GROUPS, in_dim, eps=1e-5), nn.SiLU(), conv(in_dim, out_dim, kernel_size),
-            nn.GroupNorm(GROUPS, out_dim, eps=1e-5), nn.SiLU(), conv(out_dim, out_dim, kernel_size),
+        self.block = nn.Sequential(  # the activations overwrite the fresh norm outputs: no extra copies
+            nn.GroupNorm(GROUPS, in_dim, eps=1e-5), nn.SiLU(inplace=True), conv(in_dim, out_dim, kernel_size),
+            nn.GroupNorm(GROUPS, out_dim, eps=1e-5), nn.SiLU(inplace=True), conv(out_dim, out_dim, kernel_size),
         )
         self.shortcut = conv(in_dim, out_dim) if in_dim != out_dim else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block(x) + self.shortcut(x)
+        return self.block(x).add_(self.shortcut(x))
 
 
 def encoder(in_dim: int, dim: int, kernel_size: int = 1) -> nn.Sequential:
@@ -74,16 +78,23 @@ class RoPE(nn.Module):
         self.freqs = nn.Parameter(2 * torch.pi * freqs)
 
     def angles(self, height: int, width: int, device: torch.device) -> torch.Tensor:
-        """(dim, H, W) rotation angles: coordinates (linspace(0,1,H)[i], linspace(0,1,W)[j]) @ freqs."""
+        """(1, dim, H, W) rotation angles, channels-last in memory: coordinates
+        (linspace(0,1,H)[i], linspace(0,1,W)[j]) @ freqs."""
         ys = torch.linspace(0, 1, height, device=device, dtype=self.freqs.dtype)
         xs = torch.linspace(0, 1, width, device=device, dtype=self.freqs.dtype)
         coords = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).reshape(-1, 2)
-        return (coords @ self.freqs).T.reshape(-1, height, width)
+        return (coords @ self.freqs).view(1, height, width, -1).permute(0, 3, 1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x cos(a) + rot(x) sin(a), rot([x1, x2]) = [-x2, x1] over the channel halves."""
         a = self.angles(x.shape[2], x.shape[3], x.device)
-        x1, x2 = x.chunk(2, dim=1)
-        return x * torch.cos(a) + torch.cat([-x2, x1], dim=1) * torch.sin(a)
+        sin = torch.sin(a)
+        out = x * torch.cos_(a)
+        half = x.shape[1] // 2
+        x1, x2 = x[:, :half], x[:, half:]
+        out[:, :half].addcmul_(x2, sin[:, :half], value=-1)
+        out[:, half:].addcmul_(x1, sin[:, half:])
+        return out
 
 
 class AttentionProjections(nn.Module):

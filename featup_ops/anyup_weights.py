@@ -63,8 +63,10 @@ def _download_state(url: str, timeout: float) -> dict:
     except (urllib.error.URLError, OSError) as exc:
         raise CheckpointError(f"cannot download AnyUp weights from {url} ({exc}): {_offline_hint(url)}") from None
     except Exception as exc:  # noqa: BLE001 - unpickling errors come in many types
-        raise CheckpointError(f"{cached} (downloaded from {url}) is not a torch state dict ({exc}); "
-                              "delete it and retry, or pass a local copy of the file") from None
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise CheckpointError(f"{cached} (downloaded from {url}) is not a torch state dict loadable with "
+                              f"weights_only=True ({first_line}); delete it and retry, or pass a local copy "
+                              "of the file") from None
     if not isinstance(state, Mapping):
         raise CheckpointError(f"{url} holds a {type(state).__name__}, expected a state dict of tensors")
     return dict(state)
