@@ -55,7 +55,7 @@ def _op_case(impl: str, mode: str, batch: int, device: str) -> dict:
             return [run_once(x[i : i + 1], f[i : i + 1]) for i in range(batch)]
         return run_once(x, f)
 
-    return _measure(run, device, out_bytes, warmup=1 if impl == "fused" else 0,
+    return harness.measure(run, device, out_bytes, warmup=1 if impl == "fused" else 0,
                     repeat=5 if impl == "fused" else (2 if mode == "forward" and batch == 1 else 1),
                     extra={"per_sample_loop": per_sample,
                            "implementation": cuda_ext.implementation(device) if impl == "fused" else "unfold"})
@@ -79,7 +79,7 @@ def _stack_case(impl: str, batch: int, grid: int, device: str) -> dict:
         with torch.no_grad():
             return stack(feats, image)
 
-    return _measure(run, device, batch * C * (grid * 16) ** 2 * 4, warmup=1, repeat=3 if impl == "fused" else 1)
+    return harness.measure(run, device, batch * C * (grid * 16) ** 2 * 4, warmup=1, repeat=3 if impl == "fused" else 1)
 
 
 def _available_bytes(device: str) -> int:
@@ -91,34 +91,6 @@ def _available_bytes(device: str) -> int:
         if line.startswith("MemAvailable:"):
             return int(line.split()[1]) * 1024
     return 0
-
-
-def _measure(run, device: str, out_bytes: int, warmup: int, repeat: int, extra: dict | None = None) -> dict:
-    import torch
-
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-    def timed():
-        run()
-        sync()
-
-    for _ in range(warmup):
-        timed()
-    # Peak memory of one run, then timing.
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        timed()
-        peak_extra = torch.cuda.max_memory_allocated() - before
-        peak_total = torch.cuda.max_memory_allocated()
-    else:
-        before = harness.reset_peak_rss()
-        timed()
-        peak_total = harness.peak_rss()
-        peak_extra = peak_total - before
-    timing = harness.time_it(timed, repeat=repeat, warmup=0)
-    return {**timing, "peak_extra_bytes": peak_extra, "peak_total_bytes": peak_total, "output_bytes": out_bytes,
-            "peak_extra_over_output": round(peak_extra / out_bytes, 3), **(extra or {})}
 
 
 def child(args: list[str]) -> None:

@@ -50,6 +50,35 @@ def time_it(fn: Callable[[], object], repeat: int, warmup: int = 1) -> dict:
     return {"median_s": statistics.median(times), "min_s": min(times), "runs": repeat}
 
 
+def measure(run: Callable[[], object], device: str, out_bytes: int, warmup: int, repeat: int,
+            extra: dict | None = None) -> dict:
+    """Peak extra memory of one run of `run` (after `warmup` runs), then its timing over `repeat` runs."""
+    import torch
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def timed():
+        run()
+        sync()
+
+    for _ in range(warmup):
+        timed()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        timed()
+        peak_extra = torch.cuda.max_memory_allocated() - before
+        peak_total = torch.cuda.max_memory_allocated()
+    else:
+        before = reset_peak_rss()
+        timed()
+        peak_total = peak_rss()
+        peak_extra = peak_total - before
+    timing = time_it(timed, repeat=repeat, warmup=0)
+    return {**timing, "peak_extra_bytes": peak_extra, "peak_total_bytes": peak_total, "output_bytes": out_bytes,
+            "peak_extra_over_output": round(peak_extra / out_bytes, 3), **(extra or {})}
+
+
 def run_child(script: Path, *args: str, timeout: float = 1800) -> dict:
     """Runs `python script --child ARGS...`; the child prints one JSON line last."""
     proc = subprocess.run([sys.executable, str(script), "--child", *args], capture_output=True, text=True,

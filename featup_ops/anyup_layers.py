@@ -78,22 +78,20 @@ class RoPE(nn.Module):
         self.freqs = nn.Parameter(2 * torch.pi * freqs)
 
     def angles(self, height: int, width: int, device: torch.device) -> torch.Tensor:
-        """(1, dim, H, W) rotation angles, channels-last in memory: coordinates
-        (linspace(0,1,H)[i], linspace(0,1,W)[j]) @ freqs."""
+        """(dim, H, W) rotation angles y*freqs[0] + x*freqs[1] at (y, x) = (linspace(0,1,H)[i], linspace(0,1,W)[j])."""
         ys = torch.linspace(0, 1, height, device=device, dtype=self.freqs.dtype)
         xs = torch.linspace(0, 1, width, device=device, dtype=self.freqs.dtype)
-        coords = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).reshape(-1, 2)
-        return (coords @ self.freqs).view(1, height, width, -1).permute(0, 3, 1, 2)
+        fy, fx = self.freqs[0][:, None, None], self.freqs[1][:, None, None]
+        return torch.addcmul(fy * ys[None, :, None], fx, xs[None, None, :])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x cos(a) + rot(x) sin(a), rot([x1, x2]) = [-x2, x1] over the channel halves."""
+        """x cos(a) + rot(x) sin(a), rot([x1, x2]) = [-x2, x1] over the channel halves, in three passes."""
         a = self.angles(x.shape[2], x.shape[3], x.device)
         sin = torch.sin(a)
         out = x * torch.cos_(a)
         half = x.shape[1] // 2
-        x1, x2 = x[:, :half], x[:, half:]
-        out[:, :half].addcmul_(x2, sin[:, :half], value=-1)
-        out[:, half:].addcmul_(x1, sin[:, half:])
+        out[:, :half].addcmul_(x[:, half:], sin[:half], value=-1)
+        out[:, half:].addcmul_(x[:, :half], sin[half:])
         return out
 
 
@@ -123,10 +121,17 @@ class CrossAttention(nn.Module):
         self.attention = AttentionProjections(dim)
 
     def _project(self, x: torch.Tensor, norm: nn.RMSNorm, rows: slice) -> torch.Tensor:
+        """RMSNorm over channels, then the in_proj rows, on a (B, dim, H, W) map -> (B, heads, H, W, dim/heads).
+
+        Computed as r * (x @ (W diag(g))^T) + b with r = 1/sqrt(mean(x^2) + eps): the norm's scale folded
+        into the projection, so the normalised map is never materialised (same result to float rounding).
+        """
         B, _, H, W = x.shape
-        w, b = self.attention.in_proj_weight[rows], self.attention.in_proj_bias[rows]
-        y = F.linear(norm(x.permute(0, 2, 3, 1)), w, b)  # (B, H, W, dim)
-        return y.view(B, H, W, self.heads, self.dim // self.heads).permute(0, 3, 1, 2, 4).contiguous()
+        eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
+        weight = self.attention.in_proj_weight[rows] * norm.weight
+        inv_rms = x.square().mean(dim=1, keepdim=True).add_(eps).rsqrt_()
+        y = F.conv2d(x, weight[:, :, None, None]).mul_(inv_rms).add_(self.attention.in_proj_bias[rows, None, None])
+        return y.view(B, self.heads, self.dim // self.heads, H, W).permute(0, 1, 3, 4, 2).contiguous()
 
     def queries(self, q: torch.Tensor) -> torch.Tensor:
         return self._project(q, self.norm_q, slice(0, self.dim))
