@@ -21,6 +21,7 @@ from torch import nn
 
 import cuda_ext
 
+from .anyup_inference import Workspace, encoder_into, project_heads, rope_into
 from .anyup_layers import CrossDecode, FeatureUnification, ResBlock, RoPE, encoder
 
 QK_DIM = 128
@@ -139,19 +140,43 @@ class AnyUp(nn.Module):
         if not (image.is_floating_point() and features.is_floating_point()):
             raise TypeError(f"image and features must be floating point, got {image.dtype} and {features.dtype}")
 
-    def queries(self, image: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(queries (B, heads, H', W', d/heads), pixel embeddings (B, d, H, W)) from the image."""
-        e = self.rope(self.image_encoder(image))
-        q = self.query_encoder(e)
-        if tuple(q.shape[2:]) != size:
-            q = F.adaptive_avg_pool2d(q, size)
-        return self.cross_decode.cross_attn.queries(self.cross_decode.conv2d(q)), e
+    def embed(self, image: torch.Tensor, ws: Workspace | None = None) -> torch.Tensor:
+        """(B, d, H, W) pixel embeddings: the image encoder, then RoPE."""
+        if ws is None:
+            return self.rope(self.image_encoder(image))
+        x = encoder_into(self.image_encoder, image, ws)
+        e = rope_into(self.rope, x, ws)
+        ws.give(x)
+        return e
 
-    def keys(self, e: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    def queries(self, e: torch.Tensor, size: tuple[int, int], ws: Workspace | None = None) -> torch.Tensor:
+        """(B, heads, H', W', d/heads) queries from the pixel embeddings, on the output grid."""
+        q = self.query_encoder(e) if ws is None else encoder_into(self.query_encoder, e, ws)
+        if tuple(q.shape[2:]) != tuple(size):
+            pooled = F.adaptive_avg_pool2d(q, size)
+            if ws is not None:
+                ws.give(q)
+            q = pooled
+        decoded = self.cross_decode.conv2d(q)
+        if ws is None:
+            return self.cross_decode.cross_attn.queries(decoded)
+        scratch = q if q.shape == ws.shape else None
+        out = project_heads(self.cross_decode.cross_attn, decoded, "queries", scratch)
+        if scratch is not None:
+            ws.give(scratch)
+        return out
+
+    def keys(self, e: torch.Tensor, features: torch.Tensor, ws: Workspace | None = None) -> torch.Tensor:
         """(B, heads, h, w, d/heads) keys from the pixel embeddings pooled to the grid and the features."""
-        k = F.adaptive_avg_pool2d(self.key_encoder(e), features.shape[2:])
+        k = self.key_encoder(e) if ws is None else encoder_into(self.key_encoder, e, ws)
+        pooled = F.adaptive_avg_pool2d(k, features.shape[2:])
+        if ws is not None:
+            ws.give(k)
         f = self.key_features_encoder(F.normalize(features, dim=1))
-        return self.cross_decode.cross_attn.keys(self.aggregation(torch.cat([k, f], dim=1)))
+        k = self.aggregation(torch.cat([pooled, f], dim=1))
+        if ws is None:
+            return self.cross_decode.cross_attn.keys(k)
+        return project_heads(self.cross_decode.cross_attn, k, "keys")
 
     def forward(self, image: torch.Tensor, features: torch.Tensor, output_size: Sequence[int] | None = None,
                 q_chunk_size: int | None = None) -> torch.Tensor:
@@ -163,12 +188,17 @@ class AnyUp(nn.Module):
         no_autocast = (torch.autocast(image.device.type, enabled=False)
                        if torch.is_autocast_enabled(image.device.type) else contextlib.nullcontext())
         with no_autocast:
-            values = features.to(dtype)
             # Contiguous NCHW on purpose: channels-last is a little faster on CPU, but its GroupNorm loses
             # precision on full-resolution maps (~5e-5 relative), more than the parity budget allows.
-            q, e = self.queries(image.to(dtype).contiguous(), size)
-            k = self.keys(e, values)
-            del e
+            image = image.to(dtype).contiguous()
+            values = features.to(dtype)
+            ws = None
+            if not torch.is_grad_enabled():  # inference: reuse full-resolution buffers (anyup_inference)
+                ws = Workspace((image.shape[0], self.dim, *image.shape[2:]), dtype, image.device)
+            e = self.embed(image, ws)
+            q = self.queries(e, size, ws)
+            k = self.keys(e, values, ws)
+            del e, ws
             rows = window_bounds(size[0], values.shape[2], self.window_ratio)
             cols = window_bounds(size[1], values.shape[3], self.window_ratio)
             if self.attention == "fused":

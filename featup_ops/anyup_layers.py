@@ -88,7 +88,7 @@ class RoPE(nn.Module):
         """x cos(a) + rot(x) sin(a), rot([x1, x2]) = [-x2, x1] over the channel halves, in three passes."""
         a = self.angles(x.shape[2], x.shape[3], x.device)
         sin = torch.sin(a)
-        out = x * torch.cos_(a)
+        out = x * torch.cos(a)
         half = x.shape[1] // 2
         out[:, :half].addcmul_(x[:, half:], sin[:half], value=-1)
         out[:, half:].addcmul_(x[:, :half], sin[half:])

@@ -119,8 +119,8 @@ def test_query_chunking_never_changes_the_result(name):
     with torch.no_grad():
         whole = model(image, feats, size)
         assert max_rel_error(model(image, feats, size, q_chunk_size=101), whole) <= 1e-6
-        q, _ = model.queries(image, size)
-        k = model.keys(model.rope(model.image_encoder(image)), feats)
+        e = model.embed(image)
+        q, k = model.queries(e, size), model.keys(e, feats)
         rows, cols = window_bounds(size[0], feats.shape[2]), window_bounds(size[1], feats.shape[3])
         for chunk in (1, 37, 10**6):  # float rounding of differently blocked matmuls, nothing more
             chunked = dense_window_attention(q[:, :, :4], k, feats, rows[:4], cols, q_chunk_size=chunk)
@@ -189,6 +189,32 @@ def test_autocast_and_half_inputs_compute_in_float32():
     torch.testing.assert_close(autocast, ref, rtol=1e-6, atol=1e-6)
     assert half.dtype == torch.bfloat16
     torch.testing.assert_close(half.float(), ref_half, rtol=1e-2, atol=1e-2)  # bfloat16 output rounding only
+
+
+@pytest.mark.parametrize("name", ["non-square", "output-size", "upscaled-output"])
+def test_inference_buffers_match_the_module_path(name):
+    """Without gradients the full-resolution encoders write into reused buffers (anyup_inference); with
+    gradients the plain modules run. Both compute the same function."""
+    image, feats, size = case(name)
+    model = random_anyup(ATTENTION)
+    with torch.no_grad():
+        fast = model(image, feats, size)
+    modules = model(image, feats, size).detach()
+    assert max_rel_error(fast, modules) <= 1e-5
+    vec = vectors("small")
+    model = load_anyup(vec["state_dict"], attention=ATTENTION)
+    assert max_rel_error(model(vec["image"], vec["features"]).detach(), vec["output"]) <= 1e-5
+
+
+def test_gradients_reach_every_used_parameter():
+    model = random_anyup("dense").train()
+    image, feats = torch.randn(1, 3, 24, 20), torch.randn(1, 6, 4, 3, requires_grad=True)
+    model(image, feats).square().mean().backward()
+    assert feats.grad is not None and feats.grad.abs().sum() > 0
+    unused = ("cross_decode.cross_attn.attention.out_proj.weight", "cross_decode.cross_attn.attention.out_proj.bias")
+    for name, p in model.named_parameters():
+        if name not in unused:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
 def test_dense_attention_masks_outside_the_window():
