@@ -48,7 +48,7 @@ def dense_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ro
 
     q (B, N, Hq, Wq, d), k (B, N, h, w, d), v (B, C, h, w), rows (Hq, 2) / cols (Wq, 2) [start, end)
     -> (B, C, Hq, Wq). `q_chunk_size` queries (flattened, row-major) at a time bound the (B, N, chunk, h*w)
-    attention tensor; the result does not depend on it.
+    attention tensor; the result does not depend on it (beyond float rounding of differently blocked products).
     """
     B, N, Hq, Wq, d = q.shape
     h, w = k.shape[2:4]
