@@ -52,7 +52,10 @@ def time_it(fn: Callable[[], object], repeat: int, warmup: int = 1) -> dict:
 
 def measure(run: Callable[[], object], device: str, out_bytes: int, warmup: int, repeat: int,
             extra: dict | None = None) -> dict:
-    """Peak extra memory of one run of `run` (after `warmup` runs), then its timing over `repeat` runs."""
+    """Peak extra memory of one run of `run` (after `warmup` runs), then its wall time over `repeat` runs.
+
+    Extra memory is peak RSS (CPU) or peak allocated CUDA memory above what existed before the run.
+    """
     import torch
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -63,6 +66,7 @@ def measure(run: Callable[[], object], device: str, out_bytes: int, warmup: int,
 
     for _ in range(warmup):
         timed()
+    # Peak memory of one run, then timing.
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
