@@ -99,7 +99,8 @@ def rope_into(rope: RoPE, x: torch.Tensor, ws: Workspace) -> torch.Tensor:
     return out
 
 
-def project_heads(attn: CrossAttention, x: torch.Tensor, kind: str, scratch: torch.Tensor | None = None) -> torch.Tensor:
+def project_heads(attn: CrossAttention, x: torch.Tensor, kind: str,
+                  scratch: torch.Tensor | None = None) -> torch.Tensor:
     """attn.queries(x) / attn.keys(x) without intermediate maps: (B, heads, H, W, dim/heads).
 
     `scratch`, a buffer shaped like `x`, holds the squares for the RMS statistics when given.

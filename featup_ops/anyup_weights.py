@@ -56,7 +56,8 @@ def _download_state(url: str, timeout: float) -> dict:
             urllib.request.urlopen(url, timeout=timeout).close()
         except (urllib.error.URLError, OSError, ValueError) as exc:
             reason = getattr(exc, "reason", exc)
-            raise CheckpointError(f"cannot download AnyUp weights from {url} ({reason}): {_offline_hint(url)}") from None
+            raise CheckpointError(f"cannot download AnyUp weights from {url} ({reason}): "
+                                  f"{_offline_hint(url)}") from None
         log.info("downloading AnyUp weights %s into %s", url, cached)
     try:
         state = torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True)
