@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -101,6 +102,7 @@ def main() -> None:
     import cuda_ext
 
     script = Path(__file__).resolve()
+    load_before = os.getloadavg()  # other work on the machine skews CPU timings: recorded with them
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and not args.cpu_only else [])
     rows, ratios, targets = [], {}, {}
     for device in devices:
@@ -135,7 +137,9 @@ def main() -> None:
         "setup": {"channels": C, "dtype": "float32", "batch": 1, "weights": "random init",
                   "anyup_cases": [f"{g}x{g} -> {s}x{s}" for g, s in ANYUP_CASES if not (args.quick and s > 224)],
                   "jbu_case": f"JBUStack({C}), 4 stages, {JBU_GRID}x{JBU_GRID} -> {JBU_GRID * 16}x{JBU_GRID * 16}",
-                  "fused_operator_available": hasattr(cuda_ext, "window_attention"), "quick": args.quick},
+                  "fused_operator_available": hasattr(cuda_ext, "window_attention"), "quick": args.quick,
+                  "load_average_1_5_15min": {"before": [round(x, 2) for x in load_before],
+                                             "after": [round(x, 2) for x in os.getloadavg()]}},
         "cases": rows, "ratios": ratios, "targets": targets})
     print(f"\nwrote {path}")
 
