@@ -137,6 +137,9 @@ class AnyUp(nn.Module):
             raise ValueError(f"features must be (B,C,h,w), got {tuple(features.shape)}")
         if image.shape[0] != features.shape[0]:
             raise ValueError(f"image batch {image.shape[0]} != features batch {features.shape[0]}")
+        if min(features.shape[2:]) < 2:
+            raise ValueError(f"features need a grid of at least 2 x 2 (the key aggregation pads by reflection), "
+                             f"got {tuple(features.shape[2:])}")
         if not (image.is_floating_point() and features.is_floating_point()):
             raise TypeError(f"image and features must be floating point, got {image.dtype} and {features.dtype}")
 

@@ -240,6 +240,8 @@ def test_bad_calls_are_clear_errors():
         model(torch.randn(1, 4, 8, 8), torch.randn(1, 2, 2, 2))
     with pytest.raises(ValueError, match="batch"):
         model(torch.randn(2, 3, 8, 8), torch.randn(1, 2, 2, 2))
+    with pytest.raises(ValueError, match=r"2 x 2.*\(1, 5\)"):
+        model(torch.randn(1, 3, 8, 8), torch.randn(1, 2, 1, 5))
     with pytest.raises(ValueError, match="output_size"):
         model(torch.randn(1, 3, 8, 8), torch.randn(1, 2, 2, 2), output_size=(0, 4))
     with pytest.raises(ValueError, match="attention"):
