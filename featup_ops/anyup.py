@@ -154,12 +154,12 @@ class AnyUp(nn.Module):
 
     def queries(self, e: torch.Tensor, size: tuple[int, int], ws: Workspace | None = None) -> torch.Tensor:
         """(B, heads, H', W', d/heads) queries from the pixel embeddings, on the output grid."""
-        q = self.query_encoder(e) if ws is None else encoder_into(self.query_encoder, e, ws)
-        if tuple(q.shape[2:]) != tuple(size):
-            pooled = F.adaptive_avg_pool2d(q, size)
-            if ws is not None:
-                ws.give(q)
-            q = pooled
+        pool_to = None if tuple(e.shape[2:]) == tuple(size) else size
+        if ws is None:
+            q = self.query_encoder(e)
+            q = q if pool_to is None else F.adaptive_avg_pool2d(q, size)
+        else:
+            q = encoder_into(self.query_encoder, e, ws, pool_to)
         decoded = self.cross_decode.conv2d(q)
         if ws is None:
             return self.cross_decode.cross_attn.queries(decoded)
@@ -171,10 +171,11 @@ class AnyUp(nn.Module):
 
     def keys(self, e: torch.Tensor, features: torch.Tensor, ws: Workspace | None = None) -> torch.Tensor:
         """(B, heads, h, w, d/heads) keys from the pixel embeddings pooled to the grid and the features."""
-        k = self.key_encoder(e) if ws is None else encoder_into(self.key_encoder, e, ws)
-        pooled = F.adaptive_avg_pool2d(k, features.shape[2:])
-        if ws is not None:
-            ws.give(k)
+        grid = tuple(features.shape[2:])
+        if ws is None:
+            pooled = F.adaptive_avg_pool2d(self.key_encoder(e), grid)
+        else:
+            pooled = encoder_into(self.key_encoder, e, ws, grid)
         f = self.key_features_encoder(F.normalize(features, dim=1))
         k = self.aggregation(torch.cat([pooled, f], dim=1))
         if ws is None:

@@ -58,25 +58,36 @@ def _plain_1x1(block: ResBlock) -> bool:
     return conv.kernel_size == (1, 1) and isinstance(block.shortcut, nn.Identity)
 
 
-def resblock_into(block: ResBlock, x: torch.Tensor, ws: Workspace) -> torch.Tensor:
-    """block(x) in workspace buffers; `x` is left intact (the caller gives it back when done)."""
+def resblock_into(block: ResBlock, x: torch.Tensor, ws: Workspace,
+                  pool_to: tuple[int, int] | None = None) -> torch.Tensor:
+    """block(x) in workspace buffers; `x` is left intact (the caller gives it back when done).
+
+    With `pool_to`, returns adaptive_avg_pool(block(x), pool_to) computed as conv(pool(b)) + pool(x): the
+    pooling is linear and the last 1x1 convolution acts per pixel, so it runs on the pooled grid.
+    """
     if not _plain_1x1(block):
-        return block(x)
+        out = block(x)
+        return out if pool_to is None else F.adaptive_avg_pool2d(out, pool_to)
     norm1, _, conv1, norm2, _, conv2 = block.block
     a = F.silu(group_norm_into(x, norm1, ws.take()), inplace=True)
     b = conv1x1_into(a, conv1.weight, ws.take())
     F.silu(group_norm_into(b, norm2, b), inplace=True)
+    if pool_to is not None:
+        ws.give(a, b)
+        return F.conv2d(F.adaptive_avg_pool2d(b, pool_to), conv2.weight).add_(F.adaptive_avg_pool2d(x, pool_to))
     out = conv1x1_into(b, conv2.weight, a).add_(x)
     ws.give(b)
     return out
 
 
-def encoder_into(encoder: nn.Sequential, x: torch.Tensor, ws: Workspace) -> torch.Tensor:
-    """A 1x1 `encoder(in, d)` (conv, then residual blocks) in workspace buffers; `x` is left intact."""
+def encoder_into(encoder: nn.Sequential, x: torch.Tensor, ws: Workspace,
+                 pool_to: tuple[int, int] | None = None) -> torch.Tensor:
+    """A 1x1 `encoder(in, d)` (conv, then residual blocks) in workspace buffers, its output average-pooled
+    to `pool_to` when given; `x` is left intact."""
     conv, *blocks = encoder
     y = conv1x1_into(x, conv.weight, ws.take())
-    for block in blocks:
-        out = resblock_into(block, y, ws)
+    for n, block in enumerate(blocks):
+        out = resblock_into(block, y, ws, pool_to if n == len(blocks) - 1 else None)
         ws.give(y)
         y = out
     return y
