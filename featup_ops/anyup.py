@@ -21,7 +21,7 @@ from torch import nn
 
 import cuda_ext
 
-from .anyup_inference import Workspace, encoder_into, project_heads, rope_into
+from .anyup_inference import Workspace, encoder_into, project_heads, rope_into, unify_features
 from .anyup_layers import CrossDecode, FeatureUnification, ResBlock, RoPE, encoder
 
 QK_DIM = 128
@@ -176,7 +176,11 @@ class AnyUp(nn.Module):
             pooled = F.adaptive_avg_pool2d(self.key_encoder(e), grid)
         else:
             pooled = encoder_into(self.key_encoder, e, ws, grid)
-        f = self.key_features_encoder(F.normalize(features, dim=1))
+        unification, *blocks = self.key_features_encoder
+        f = F.normalize(features, dim=1)
+        f = unification(f) if ws is None else unify_features(unification, f)
+        for block in blocks:
+            f = block(f)
         k = self.aggregation(torch.cat([pooled, f], dim=1))
         if ws is None:
             return self.cross_decode.cross_attn.keys(k)

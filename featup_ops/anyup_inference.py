@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .anyup_layers import CrossAttention, ResBlock, RoPE
+from .anyup_layers import CrossAttention, FeatureUnification, ResBlock, RoPE
 
 
 class Workspace:
@@ -91,6 +91,28 @@ def encoder_into(encoder: nn.Sequential, x: torch.Tensor, ws: Workspace,
         ws.give(y)
         y = out
     return y
+
+
+def unify_features(unification: FeatureUnification, x: torch.Tensor) -> torch.Tensor:
+    """unification(x) as one GEMM per image over the unfolded 5x5 patches (a 1-channel convolution runs
+    far below GEMM speed), with the border division fused into the transpose and an in-place softmax."""
+    B, C, h, w = x.shape
+    d, k = unification.dim, unification.kernel_size
+    basis = unification.basis.view(d, k * k)
+    ones = torch.ones(1, 1, h, w, dtype=x.dtype, device=x.device)
+    counts = F.conv2d(ones, torch.ones(1, 1, k, k, dtype=x.dtype, device=x.device), padding=k // 2).view(1, 1, h * w)
+    out = []
+    for b in range(B):
+        patches = F.unfold(x[b].reshape(C, 1, h, w), k, padding=k // 2)  # (C, k*k, hw)
+        prod = torch.mm(basis, patches.transpose(0, 1).reshape(k * k, C * h * w)).view(d, C, h * w)  # (k, c, p)
+        responses = torch.empty(C, d, h * w, dtype=x.dtype, device=x.device)  # (c, k, p): the channel-major order
+        torch.div(prod.transpose(0, 1), counts, out=responses)
+        del prod
+        mixed = responses.view(d, C, h * w)  # the published (d, C) reading of the same memory
+        mixed.sub_(mixed.amax(dim=0, keepdim=True)).exp_()
+        mixed.div_(mixed.sum(dim=0, keepdim=True))
+        out.append(mixed.mean(dim=1).view(d, h, w))
+    return torch.stack(out)
 
 
 def rope_into(rope: RoPE, x: torch.Tensor, ws: Workspace) -> torch.Tensor:
