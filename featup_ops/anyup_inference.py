@@ -3,7 +3,8 @@
 AnyUp runs three 128-channel encoders at the image's full resolution: at 448 px every intermediate map is
 100 MB. On CPU, writing a freshly allocated map of that size page-faults about as long as the 1x1
 convolution that fills it takes, and the plain module path makes some thirty of them per call. Here the
-same layers (same parameters, same formulas to float rounding) write into a handful of reused buffers.
+same layers (same parameters, same formulas to float rounding) write into a handful of reused buffers,
+1x1 convolutions are plain GEMMs, and the feature unification and q/k projections skip intermediates.
 Training and any call with gradients enabled use the modules themselves.
 """
 
@@ -53,6 +54,22 @@ def group_norm_into(x: torch.Tensor, norm: nn.GroupNorm, out: torch.Tensor) -> t
     return out
 
 
+# glibc serves blocks up to 32 MiB from its heap and reuses them; larger ones are mapped fresh from the OS
+# and page-fault when first written. Below this size a fresh map costs nothing extra.
+HEAP_SERVED_BYTES = 32 * 2**20
+
+
+def group_norm_ws(x: torch.Tensor, norm: nn.GroupNorm, ws: Workspace, reuse_input: bool = False) -> torch.Tensor:
+    """GroupNorm of `x` as a workspace map: the module's own (faster) kernel where a fresh map is cheap,
+    else written into a reused buffer (`x` itself with `reuse_input`, which hands `x` over either way)."""
+    if x.numel() * x.element_size() <= HEAP_SERVED_BYTES:
+        y = F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+        if reuse_input:
+            ws.give(x)
+        return y
+    return group_norm_into(x, norm, x if reuse_input else ws.take())
+
+
 def _plain_1x1(block: ResBlock) -> bool:
     conv = block.block[2]
     return conv.kernel_size == (1, 1) and isinstance(block.shortcut, nn.Identity)
@@ -69,9 +86,9 @@ def resblock_into(block: ResBlock, x: torch.Tensor, ws: Workspace,
         out = block(x)
         return out if pool_to is None else F.adaptive_avg_pool2d(out, pool_to)
     norm1, _, conv1, norm2, _, conv2 = block.block
-    a = F.silu(group_norm_into(x, norm1, ws.take()), inplace=True)
+    a = F.silu(group_norm_ws(x, norm1, ws), inplace=True)
     b = conv1x1_into(a, conv1.weight, ws.take())
-    F.silu(group_norm_into(b, norm2, b), inplace=True)
+    b = F.silu(group_norm_ws(b, norm2, ws, reuse_input=True), inplace=True)
     if pool_to is not None:
         ws.give(a, b)
         return F.conv2d(F.adaptive_avg_pool2d(b, pool_to), conv2.weight).add_(F.adaptive_avg_pool2d(x, pool_to))

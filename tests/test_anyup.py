@@ -15,6 +15,7 @@ import torch
 import cuda_ext
 import featup_ops
 from featup_ops import CheckpointError, FeatureModel, UpsamplerError, load_anyup, random_anyup
+from featup_ops import anyup_inference
 from featup_ops.anyup import dense_window_attention, window_bounds
 from featup_ops.checkpoints import state_fingerprint
 
@@ -193,10 +194,14 @@ def test_autocast_and_half_inputs_compute_in_float32():
     torch.testing.assert_close(half.float(), ref_half, rtol=1e-2, atol=1e-2)  # bfloat16 output rounding only
 
 
+@pytest.mark.parametrize("big_maps", [False, True], ids=["small-maps", "big-maps"])
 @pytest.mark.parametrize("name", ["non-square", "output-size", "upscaled-output"])
-def test_inference_buffers_match_the_module_path(name):
+def test_inference_buffers_match_the_module_path(name, big_maps, monkeypatch):
     """Without gradients the full-resolution encoders write into reused buffers (anyup_inference); with
-    gradients the plain modules run. Both compute the same function."""
+    gradients the plain modules run. Both compute the same function. `big_maps` treats every map as too big
+    for the heap, as 448 px maps are, so the buffer-reusing GroupNorm runs too."""
+    if big_maps:
+        monkeypatch.setattr(anyup_inference, "HEAP_SERVED_BYTES", 0)
     image, feats, size = case(name)
     model = random_anyup(ATTENTION)
     with torch.no_grad():
@@ -206,6 +211,22 @@ def test_inference_buffers_match_the_module_path(name):
     vec = vectors("small")
     model = load_anyup(vec["state_dict"], attention=ATTENTION)
     assert max_rel_error(model(vec["image"], vec["features"]).detach(), vec["output"]) <= 1e-5
+
+
+def test_buffer_group_norm_is_as_accurate_as_the_module():
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 32, 40, 50, generator=g) * 3 + 20  # an offset mean: one-pass statistics would suffer
+    norm = torch.nn.GroupNorm(8, 32)
+    torch.nn.init.normal_(norm.weight, generator=g)
+    torch.nn.init.normal_(norm.bias, generator=g)
+    with torch.no_grad():
+        exact = torch.nn.functional.group_norm(x.double(), 8, norm.weight.double(), norm.bias.double())
+        module = norm(x)
+        into = anyup_inference.group_norm_into(x, norm, torch.empty_like(x))
+        in_place = x.clone()
+        anyup_inference.group_norm_into(in_place, norm, in_place)
+    assert max_rel_error(into.double(), exact) <= 2 * max(max_rel_error(module.double(), exact), 1e-7)
+    torch.testing.assert_close(in_place, into)
 
 
 def test_gradients_reach_every_used_parameter():
