@@ -94,7 +94,7 @@ class AnyUp(nn.Module):
 
     `image` (B,3,H,W) ImageNet-normalised, `features` (B,C,h,w) with any C; the output size defaults to the
     image's. Computes in the parameters' dtype (float32) whatever autocast is active, and returns the
-    features' dtype. `q_chunk_size` bounds the dense path's memory and never changes the result.
+    features' dtype. `q_chunk_size` bounds the dense path's memory and never changes the result (to float rounding).
     """
 
     def __init__(self, attention: str = "fused", dim: int = QK_DIM, heads: int = HEADS,
