@@ -18,17 +18,18 @@ from .anyup_layers import CrossAttention, FeatureUnification, ResBlock, RoPE
 
 
 class Workspace:
-    """Reusable (B, C, H, W) scratch maps for one inference pass."""
+    """Reusable (B, C, H, W) scratch maps for one inference pass; at most `max_free` are kept unused (more
+    would only hold memory: the passes below never need more at once)."""
 
-    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
-        self.shape, self.dtype, self.device = tuple(shape), dtype, device
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, max_free: int = 3):
+        self.shape, self.dtype, self.device, self.max_free = tuple(shape), dtype, device, max_free
         self._free: list[torch.Tensor] = []
 
     def take(self) -> torch.Tensor:
         return self._free.pop() if self._free else torch.empty(self.shape, dtype=self.dtype, device=self.device)
 
     def give(self, *maps: torch.Tensor) -> None:
-        self._free.extend(maps)
+        self._free.extend(maps[: max(self.max_free - len(self._free), 0)])
 
 
 def conv1x1_into(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
