@@ -33,7 +33,7 @@ TRAINING_ONLY_PREFIXES = ("downsampler.", "scale_net.")
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be read as a JBU upsampler."""
+    """A checkpoint that cannot be read, or does not fit the upsampler it is loaded into."""
 
 
 def read_bytes(url: str, storage_options: Mapping[str, Any] | None = None) -> bytes:

@@ -111,25 +111,32 @@ class FeatureModel(nn.Module):
                              storage_options=storage_options, **dict(backbone_options or {}))
         up = create_upsampler(upsampler, bb.dim, weights=upsampler_weights, random_init=random_init,
                               storage_options=storage_options, **dict(upsampler_options or {}))
-        up_id = "none"
-        if isinstance(upsampler_weights, str):
+        up_id = getattr(up, "weights_id", None)  # upsamplers that fingerprint what they loaded (AnyUp) say so
+        if up_id is None and isinstance(upsampler_weights, str):
             up_id = f"file:{state_fingerprint(read_state(upsampler_weights, storage_options)[0])}"
-        elif any(True for _ in up.parameters()):
+        elif up_id is None and any(True for _ in up.parameters()):
             up_id = f"state:{state_fingerprint(up.state_dict())}"
-        return cls(bb, up, {"backbone": bb.weights_id, "upsampler": up_id})
+        return cls(bb, up, {"backbone": bb.weights_id, "upsampler": up_id or "none"})
 
     @property
     def dim(self) -> int:
         return self.backbone.dim
 
     @property
-    def scale(self) -> int:
+    def scale(self) -> int | None:
+        """Output / feature-grid ratio of a fixed-factor upsampler; None when the output follows the image."""
+        if hasattr(self.upsampler, "output_size"):
+            return None
         return int(getattr(self.upsampler, "scale", 16))
 
     def lowres_size(self, height: int, width: int) -> tuple[int, int]:
         return self.backbone.grid_size(height, width)
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
+        """High-res size for an image of this size: the upsampler's `output_size` hook (AnyUp: the image's),
+        else the feature grid times `scale`."""
+        if hasattr(self.upsampler, "output_size"):
+            return tuple(self.upsampler.output_size(height, width))
         h, w = self.lowres_size(height, width)
         return h * self.scale, w * self.scale
 
