@@ -20,14 +20,18 @@ def normalize(images01: torch.Tensor) -> torch.Tensor:
     return (images01 - IMAGENET_MEAN) / IMAGENET_STD
 
 
-def oracle_lowres(images01: torch.Tensor, patch: int = 16) -> torch.Tensor:
-    """tanh(3 W2 tanh(3 W1 x)) per pixel of the normalised image, averaged over patch x patch cells."""
+def oracle_pixels(images01: torch.Tensor) -> torch.Tensor:
+    """tanh(3 W2 tanh(3 W1 x)) at every pixel x of the normalised image: the oracle's truth at its own size."""
     from featup_ops.oracle import oracle_weights
 
     w1, w2 = oracle_weights(32)
-    x = normalize(images01)
-    hidden = torch.tanh(3 * torch.einsum("oc,bchw->bohw", w1, x))
-    return F.avg_pool2d(torch.tanh(3 * torch.einsum("oc,bchw->bohw", w2, hidden)), patch)
+    hidden = torch.tanh(3 * torch.einsum("oc,bchw->bohw", w1, normalize(images01)))
+    return torch.tanh(3 * torch.einsum("oc,bchw->bohw", w2, hidden))
+
+
+def oracle_lowres(images01: torch.Tensor, patch: int = 16) -> torch.Tensor:
+    """The oracle backbone's output: its per-pixel features averaged over patch x patch cells."""
+    return F.avg_pool2d(oracle_pixels(images01), patch)
 
 
 def random_jbu_state(dim: int = 32) -> dict[str, torch.Tensor]:

@@ -340,14 +340,39 @@ def test_probe_refuses_a_cache_without_labels(ray_local, photo_shards, tmp_path)
     assert train_probe.main(["--cache", str(out), "--epochs", "1", "--workers", "0"]) == 2
 
 
+def _scores(confusion: np.ndarray) -> tuple[float, float]:
+    """(pixel accuracy, mIoU over the classes present in the truth) of a confusion matrix (truth x prediction)."""
+    tp = np.diag(confusion).astype(np.float64)
+    union = confusion.sum(0) + confusion.sum(1) - tp
+    present = confusion.sum(1) > 0
+    return tp.sum() / confusion.sum(), float(np.mean(tp[present] / union[present]))
+
+
 @pytest.mark.slow
 def test_probe_data_parallel_with_ray_train(ray_local, preset_caches, tmp_path):
-    from pipeline.workflows.probe_on_cache import ProbeJobConfig, run_probe
+    from pipeline.workflows.probe_on_cache import ProbeJobConfig, load_probe, predict, run_probe
 
-    metrics = run_probe(ProbeJobConfig(cache=preset_caches["float16"].url, output=str(tmp_path / "p"), epochs=2,
-                                       batch_size=2, workers=0, ray_workers=2, val_fraction=0.3))
-    assert metrics["world_size"] == 2 and 0 <= metrics["miou"] <= 1
-    assert (tmp_path / "p" / "probe.safetensors").exists()
+    cache = preset_caches["float16"]
+    metrics = run_probe(ProbeJobConfig(cache=cache.url, output=str(tmp_path / "p"), epochs=6, batch_size=2,
+                                       workers=0, ray_workers=2, val_fraction=0.3, lr=0.05))
+    assert metrics["world_size"] == 2 and metrics["classes"] == 8
+    # the reported scores are the saved probe's on the held-out split, recomputed here from the labels
+    train, val = cache.split(0.3, 0)
+    assert metrics["val_samples"] == len(val) and metrics["train_samples"] == len(train)
+    probe = load_probe(str(tmp_path / "p"))
+    confusion = np.zeros((8, 8), np.int64)
+    for key in val:
+        truth, pred = cache.labels(key).astype(np.int64).ravel(), predict(probe, cache[key]).ravel()
+        confusion += np.bincount(truth * 8 + pred, minlength=64).reshape(8, 8)
+    accuracy, miou = _scores(confusion)
+    assert metrics["pixel_accuracy"] == pytest.approx(accuracy, abs=1e-6)
+    assert metrics["miou"] == pytest.approx(miou, abs=1e-6)
+    # and the probe learned: better than always answering the most frequent training class
+    majority = int(np.argmax(np.bincount(np.concatenate([cache.labels(k).ravel() for k in train]), minlength=8)))
+    chance = np.zeros((8, 8), np.int64)
+    chance[:, majority] = confusion.sum(1)
+    chance_accuracy, chance_miou = _scores(chance)
+    assert accuracy > chance_accuracy + 0.1 and miou > chance_miou + 0.1, (accuracy, miou, chance_accuracy, chance_miou)
 
 
 # -- pictures --------------------------------------------------------------------------------------------------
