@@ -82,13 +82,16 @@ def jbu_highres(state: dict[str, torch.Tensor], lowres: torch.Tensor, guidance: 
 
 
 def reference_features(images01: torch.Tensor, upsampler: str = "jbu") -> tuple[torch.Tensor, torch.Tensor]:
-    """(low-res, high-res) oracle features of [0,1] images (B,3,H,W) with the random-init JBU or bilinear."""
+    """(low-res, high-res) oracle features of [0,1] images (B,3,H,W): high-res by the random-init JBU, bilinear,
+    or the truth (the per-pixel features at the image's own size)."""
     with torch.no_grad():
         lowres = oracle_lowres(images01)
         if upsampler == "jbu":
             highres = jbu_highres(random_jbu_state(), lowres, normalize(images01))
         elif upsampler == "bilinear":
             highres = F.interpolate(lowres, scale_factor=16, mode="bilinear", align_corners=False)
+        elif upsampler == "truth":
+            highres = oracle_pixels(images01)
         else:
-            raise ValueError(f"no reference for upsampler {upsampler!r}: jbu or bilinear")
+            raise ValueError(f"no reference for upsampler {upsampler!r}: jbu, bilinear or truth")
     return lowres, highres
