@@ -76,7 +76,7 @@ def heldout_samples():
         yield {"__key__": name.split(".")[0], "jpg": encode(load_sample_image(name), "jpeg", quality=95)}
 
 
-def prepare(work: Path, image_size: int, crops: int) -> tuple[str, str]:
+def prepare(work: Path, crops: int) -> tuple[str, str]:
     from pipeline.ingest.shard_writer import write_shards
 
     train_dir, held_dir = work / "train", work / "heldout"
@@ -155,7 +155,7 @@ def main() -> int:
     env = dict(os.environ, TQDM_DISABLE="1")
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
-    train, held = prepare(work, args.image_size, args.crops)
+    train, held = prepare(work, args.crops)
     results: dict = {"setup": {"backbone": "oracle", "image_size": args.image_size, "training_crops": args.crops,
                                "heldout": list(HELDOUT_SKIMAGE) + list(HELDOUT_SKLEARN),
                                "recipe": RECIPE, "train_minutes": args.train_minutes, "threads": args.threads}}

@@ -4,8 +4,8 @@
     feats = backbone(normalised_images)        # (B, 384, H/14, W/14)
 
 Named presets map to timm ids (`list_backbones()`); any other timm id works too. ViTs give the last
-block's tokens after the final norm, prefix (CLS/register) tokens dropped, position embeddings
-interpolated for the input size; CNNs give their last feature map. Weights come from the timm/HF cache,
+block's tokens after the final norm (timm's `forward_intermediates`: prefix CLS/register tokens dropped,
+position embeddings interpolated for the input size); CNNs give their last feature map. Weights come from the timm/HF cache,
 or from a local/fsspec path; no weights and no explicit `random_init=True` is an error, never a silently
 random model. Custom backbones (e.g. the `oracle`) join through `register_backbone`.
 """
@@ -133,7 +133,7 @@ class TimmBackbone(Backbone):
     """A timm model wrapped to return a spatial feature map."""
 
     def __init__(self, name: str, model: nn.Module, project_tokens: bool, mean, std, weights_id: str):
-        is_vit = hasattr(model, "patch_embed") and hasattr(model, "num_prefix_tokens")
+        is_vit = all(hasattr(model, a) for a in ("patch_embed", "num_prefix_tokens", "forward_intermediates"))
         if is_vit:
             patch = model.patch_embed.patch_size
             patch_size = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
@@ -148,17 +148,18 @@ class TimmBackbone(Backbone):
             model.reset_classifier(0)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.model.forward_features(x)
-        if self.is_vit:
-            h, w = self.grid_size(*x.shape[2:])
-            tokens = out[:, self.model.num_prefix_tokens :]
-            if tokens.shape[1] != h * w:
-                raise RuntimeError(f"{self.name}: {tokens.shape[1]} patch tokens for a {h}x{w} grid")
-            if self.project_tokens:
-                tokens = self.model.head(tokens)
-            return tokens.transpose(1, 2).reshape(x.shape[0], -1, h, w)
-        if out.dim() == 4 and out.shape[1] != self.dim and out.shape[-1] == self.dim:
-            out = out.permute(0, 3, 1, 2)  # NHWC models (Swin, ...)
+        if not self.is_vit:
+            out = self.model.forward_features(x)
+            if out.dim() == 4 and out.shape[1] != self.dim and out.shape[-1] == self.dim:
+                out = out.permute(0, 3, 1, 2)  # NHWC models (Swin, ...)
+            return out
+        # the last block's patch tokens after the final norm, prefix tokens dropped, as a (B, C, h, w) map
+        (out,) = self.model.forward_intermediates(x, indices=1, norm=True, stop_early=True, output_fmt="NCHW",
+                                                  intermediates_only=True)
+        if tuple(out.shape[2:]) != self.grid_size(*x.shape[2:]):
+            raise RuntimeError(f"{self.name}: a {tuple(out.shape[2:])} token grid for input {tuple(x.shape[2:])}")
+        if self.project_tokens:  # the head (CLIP's projection) applied to every patch token
+            out = self.model.head(out.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         return out
 
 

@@ -4,8 +4,9 @@
     train(trainer, batches, checkpoint_url="s3://bkt/run1", checkpoint_every=500)
 
 `batches` is any iterator of RGB image batches (B,3,S,S) in [0,1]; this module knows nothing of shards,
-storage layouts of datasets, or Ray. Distributed data parallelism plugs in through `grad_hook` (called
-with the parameter list after backward, e.g. an all-reduce) and `is_main` (who writes and reports).
+storage layouts of datasets, or Ray. Distributed data parallelism plugs in through `wrap_model` (given the
+trainable `MultiViewObjective`, returns it wrapped, e.g. in torch's DistributedDataParallel, which averages
+the gradients across processes during backward) and `is_main` (who writes and reports).
 
 A checkpoint is a folder (local or fsspec URL) holding `model.safetensors` (the JBU stack, readable by
 `featup_ops.load_jbu`) and `training_state.safetensors` (downsampler, uncertainty head, optimizer, RNG
@@ -27,10 +28,11 @@ import fsspec
 import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
+from torch import nn
 from tqdm.auto import tqdm
 
 from featup_ops.backbones import Backbone, imagenet_normalize
-from featup_ops.checkpoints import read_bytes, read_state, save_jbu
+from featup_ops.checkpoints import read_bytes, read_state, save_jbu, state_fingerprint
 from featup_ops.downsamplers import DOWNSAMPLERS, create_downsampler
 from featup_ops.jbu import JBUStack
 from featup_ops.jitter import JitterSpec, sample_jitter
@@ -104,14 +106,60 @@ class TrainConfig:
         return cls(**data)
 
 
+class MultiViewObjective(nn.Module):
+    """The trainable parts (upsampler, downsampler, uncertainty head) and the multi-view loss of one step.
+
+    One forward computes every loss term of a step, so a data-parallel wrapper sees the whole step: the
+    module to hand to DistributedDataParallel. The head is left out when the config does not use it.
+    """
+
+    def __init__(self, upsampler: JBUStack, downsampler: nn.Module, head: UncertaintyHead | None,
+                 config: TrainConfig, features: Callable[[torch.Tensor], torch.Tensor], generator: torch.Generator):
+        super().__init__()
+        self.upsampler, self.downsampler, self.head = upsampler, downsampler, head
+        self.config, self.generator = config, generator
+        self._features = features  # the frozen backbone's features: not a submodule, nothing to synchronise
+
+    def forward(self, images01: torch.Tensor) -> dict[str, Any]:
+        """Loss terms on a batch of [0,1] images: `loss` (differentiable) and the terms that make it up."""
+        cfg = self.config
+        lr = self._features(images01)
+        hr = self.upsampler(lr, imagenet_normalize(images01))
+        rec = hr.new_zeros(())
+        rel = 0.0
+        for _ in range(cfg.views):
+            jitter = sample_jitter(images01.shape[0], images01.shape[-1], cfg.jitter, generator=self.generator)
+            lr_view = self._features(jitter(images01))
+            down = self.downsampler(jitter(hr), lr_view.shape[2:])
+            projection = random_projection(lr.shape[1], cfg.proj_dim, self.generator, images01.device)
+            scale = self.head(lr_view) if self.head is not None else torch.ones_like(lr_view[:, :1])
+            rec = rec + uncertainty_loss(project(down, projection), project(lr_view, projection), scale) / cfg.views
+            with torch.no_grad():
+                rel += ((down - lr_view).square().sum() / lr_view.square().sum().clamp_min(1e-12)).item() / cfg.views
+        loss = rec
+        smooth = tv = hr.new_zeros(())
+        if cfg.smoothness_weight > 0:
+            smooth = smoothness_prior(hr, images01, generator=self.generator)
+            loss = loss + cfg.smoothness_weight * smooth
+        if cfg.tv_weight > 0:
+            tv = total_variation(hr).mean()
+            loss = loss + cfg.tv_weight * tv
+        return {"loss": loss, "reconstruction": rec, "relative_mse": rel, "smoothness": smooth, "tv": tv}
+
+
 class MultiViewTrainer:
-    """Upsampler + downsampler + uncertainty head + NAdam, one `train_step(images)` at a time."""
+    """Upsampler + downsampler + uncertainty head + NAdam, one `train_step(images)` at a time.
+
+    `wrap_model`, when given, wraps the trainable `MultiViewObjective` for data parallelism (e.g.
+    `torch.nn.parallel.DistributedDataParallel`, which also starts every process from rank 0's weights);
+    checkpoints always hold the unwrapped modules.
+    """
 
     def __init__(self, backbone: Backbone, config: TrainConfig, upsampler: JBUStack | None = None,
                  device: torch.device | str = "cpu",
-                 grad_hook: Callable[[list[torch.Tensor]], None] | None = None):
+                 wrap_model: Callable[[nn.Module], nn.Module] | None = None):
         config.validate()
-        self.config, self.device, self.grad_hook = config, torch.device(device), grad_hook
+        self.config, self.device = config, torch.device(device)
         torch.manual_seed(config.seed)  # same initial weights in every data-parallel worker
         if upsampler is None:
             norm = ChannelNorm(backbone.dim) if config.channel_norm else None
@@ -130,6 +178,10 @@ class MultiViewTrainer:
             upsampler.channel_norm.requires_grad_(False)
         self.downsampler = create_downsampler(config.downsampler, backbone.dim, upsampler.scale).to(self.device)
         self.head = UncertaintyHead(backbone.dim).to(self.device)
+        self.generator = torch.Generator().manual_seed(config.seed + 1)
+        objective = MultiViewObjective(self.upsampler, self.downsampler, self.head if config.uncertainty else None,
+                                       config, self.features, self.generator)
+        self.objective = wrap_model(objective) if wrap_model is not None else objective
         self.params = [p for m in (self.upsampler, self.downsampler, self.head) for p in m.parameters()
                        if p.requires_grad]
         scalars = [p for p in self.params if p.dim() == 0]
@@ -139,7 +191,6 @@ class MultiViewTrainer:
             groups.append({"params": scalars, "lr": config.lr * config.scalar_lr_scale})
         self.optimizer = torch.optim.NAdam(groups, lr=config.lr)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
-        self.generator = torch.Generator().manual_seed(config.seed + 1)
         self.step = 0
 
     # ---- one step -------------------------------------------------------------------------------------
@@ -156,31 +207,10 @@ class MultiViewTrainer:
         images01 = images01.to(self.device, torch.float32)
         self.upsampler.train(cfg.dropout)
         self.downsampler.train()
-        lr = self.features(images01)
-        hr = self.upsampler(lr, imagenet_normalize(images01))
-        rec = hr.new_zeros(())
-        rel = 0.0
-        for _ in range(cfg.views):
-            jitter = sample_jitter(images01.shape[0], images01.shape[-1], cfg.jitter, generator=self.generator)
-            lr_view = self.features(jitter(images01))
-            down = self.downsampler(jitter(hr), lr_view.shape[2:])
-            projection = random_projection(lr.shape[1], cfg.proj_dim, self.generator, self.device)
-            scale = self.head(lr_view) if cfg.uncertainty else torch.ones_like(lr_view[:, :1])
-            rec = rec + uncertainty_loss(project(down, projection), project(lr_view, projection), scale) / cfg.views
-            with torch.no_grad():
-                rel += ((down - lr_view).square().sum() / lr_view.square().sum().clamp_min(1e-12)).item() / cfg.views
-        loss = rec
-        smooth = tv = hr.new_zeros(())
-        if cfg.smoothness_weight > 0:
-            smooth = smoothness_prior(hr, images01, generator=self.generator)
-            loss = loss + cfg.smoothness_weight * smooth
-        if cfg.tv_weight > 0:
-            tv = total_variation(hr).mean()
-            loss = loss + cfg.tv_weight * tv
+        terms = self.objective(images01)
+        loss = terms["loss"]
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.grad_hook is not None:
-            self.grad_hook(self.params)
+        loss.backward()  # a data-parallel wrapper averages the gradients across processes here
         if self.step < cfg.clip_steps:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_norm)
         factor = 1.0
@@ -193,10 +223,17 @@ class MultiViewTrainer:
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"loss became {loss.item()} at step {self.step}; lower the learning rate "
                                      f"(now {cfg.lr})")
-        return {"loss": loss.item(), "reconstruction": rec.item(), "relative_mse": rel, "smoothness": smooth.item(),
-                "tv": tv.item()}
+        return {k: v.item() if isinstance(v, torch.Tensor) else float(v) for k, v in terms.items()}
 
     # ---- state -------------------------------------------------------------------------------------------
+    def weights_fingerprint(self) -> str:
+        """Content hash of the trainable modules' weights (upsampler, downsampler, head): equal across
+        data-parallel processes that stayed in sync."""
+        return state_fingerprint({f"{name}.{k}": v for name, module in (("upsampler", self.upsampler),
+                                                                        ("downsampler", self.downsampler),
+                                                                        ("head", self.head))
+                                  for k, v in module.state_dict().items()})
+
     def training_state(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """Everything besides the upsampler needed to resume: (tensors, string metadata)."""
         tensors = {f"downsampler.{k}": v for k, v in self.downsampler.state_dict().items()}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -27,6 +29,47 @@ def test_preset_builds_and_gives_documented_grid(name):
     assert out.shape == (2, dim, grid, grid)
     assert bb.grid_size(224, 224) == (grid, grid)
     assert torch.isfinite(out).all()
+
+
+@functools.cache
+def _random_backbone(name: str):
+    return create_backbone(name, random_init=True)
+
+
+@pytest.mark.parametrize("name", ["dino16", "dinov2", "clip", "vit"])
+def test_vit_features_are_the_last_normed_patch_tokens(name):
+    """Against the whole-model forward: final tokens, prefix (CLS) tokens dropped, CLIP's head per token."""
+    bb = _random_backbone(name)
+    p = bb.patch_size
+    x = torch.randn(2, 3, 5 * p, 7 * p, generator=torch.Generator().manual_seed(3))  # interpolated positions
+    with torch.no_grad():
+        tokens = bb.model.forward_features(x)[:, bb.model.num_prefix_tokens:]
+        if name == "clip":
+            tokens = bb.model.head(tokens)
+        got = bb(x)
+    assert got.shape == (2, bb.dim, 5, 7)
+    torch.testing.assert_close(got, tokens.transpose(1, 2).reshape(2, bb.dim, 5, 7), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["dino16", "clip"])
+def test_vit_features_match_the_blocks_run_by_hand(name):
+    """At the native 224 px: patchify conv, CLS token, position embeddings, the blocks, the final norm."""
+    bb = _random_backbone(name)
+    m = bb.model
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        tokens = m.patch_embed.proj(x).flatten(2).transpose(1, 2)             # (1, 196, D)
+        tokens = torch.cat([m.cls_token.expand(1, -1, -1), tokens], dim=1) + m.pos_embed
+        tokens = m.norm_pre(tokens)                                           # identity except CLIP
+        for block in m.blocks:
+            tokens = block(tokens)
+        patches = m.norm(tokens)[:, 1:]
+        if name == "clip":
+            patches = patches @ m.head.weight.T + m.head.bias
+        expected = patches.transpose(1, 2).reshape(1, -1, 14, 14)
+        got = bb(x)
+    assert m.num_prefix_tokens == 1
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_vit_position_embeddings_interpolate_for_other_sizes():

@@ -13,7 +13,7 @@ from PIL import Image
 
 from pipeline.caching.driver import run_job
 from pipeline.caching.job_config import ConfigError
-from pipeline.ingest.coco import rasterize, rle_counts_from_string, rle_decode
+from pipeline.ingest.coco import annotation_mask, rasterize
 from pipeline.ingest.sample_photos import photo_samples
 from pipeline.ingest.shard_writer import write_shards
 from pipeline.reading.feature_cache import FeatureCache, LabelledFeatures, split_keys
@@ -97,27 +97,92 @@ def _rle_encode(counts: list[int]) -> str:
     return "".join(out)
 
 
-def test_coco_rle_and_polygon_rasterisation():
-    rng = np.random.default_rng(0)
-    mask = rng.random((23, 17)) < 0.3
-    flat = mask.T.flatten()  # column-major
+def _runs(mask: np.ndarray) -> list[int]:
+    """Column-major run lengths of a bool mask, starting with a run of zeros (COCO's uncompressed RLE)."""
     counts, value, run = [], False, 0
-    for bit in flat:
+    for bit in mask.T.flatten():
         if bit != value:
             counts.append(run)
             value, run = bit, 0
         run += 1
     counts.append(run)
-    assert rle_counts_from_string(_rle_encode(counts)) == counts
-    np.testing.assert_array_equal(rle_decode({"size": [23, 17], "counts": _rle_encode(counts)}), mask)
-    np.testing.assert_array_equal(rle_decode({"size": [23, 17], "counts": counts}), mask)
-    anns = [{"category_id": 5, "area": 400, "segmentation": [[2, 2, 18, 2, 18, 18, 2, 18]]},
-            {"category_id": 9, "area": 16, "segmentation": [[6, 6, 10, 6, 10, 10, 6, 10]]},
-            {"category_id": 1, "area": 50, "iscrowd": 1,
-             "segmentation": {"size": [23, 17], "counts": _rle_encode(counts)}}]
-    label = rasterize(anns, 23, 17)
-    assert label[8, 8] in (9, 255) and label[0, 0] in (0, 255) and label[4, 15] in (5, 255)
-    assert (label[mask] == 255).all() and label[~mask].max() == 9
+    return counts
+
+
+def _inside_polygon(polygon: list[float], height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(pixel centre inside the polygon, distance of the centre to the nearest edge), by crossing numbers."""
+    pts = np.asarray(polygon, float).reshape(-1, 2)
+    ys, xs = np.mgrid[0:height, 0:width] + 0.5
+    inside = np.zeros((height, width), bool)
+    dist = np.full((height, width), np.inf)
+    for (x0, y0), (x1, y1) in zip(pts, np.roll(pts, -1, axis=0)):
+        crosses = ((y0 > ys) != (y1 > ys)) & (xs < x0 + (ys - y0) * (x1 - x0) / (y1 - y0 + 1e-300))
+        inside ^= crosses
+        t = np.clip(((xs - x0) * (x1 - x0) + (ys - y0) * (y1 - y0)) / ((x1 - x0) ** 2 + (y1 - y0) ** 2), 0, 1)
+        dist = np.minimum(dist, np.hypot(xs - x0 - t * (x1 - x0), ys - y0 - t * (y1 - y0)))
+    return inside, dist
+
+
+def test_coco_rle_masks_decode_to_the_encoded_pixels():
+    from pycocotools import mask as mask_utils
+
+    rng = np.random.default_rng(0)
+    mask = rng.random((23, 17)) < 0.3
+    counts = _runs(mask)
+    compressed = _rle_encode(counts)
+    # our encoder (written from the format description) and pycocotools agree on the string
+    assert mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))["counts"].decode() == compressed
+    for seg in ({"size": [23, 17], "counts": compressed}, {"size": [23, 17], "counts": compressed.encode()},
+                {"size": [23, 17], "counts": counts}):
+        np.testing.assert_array_equal(annotation_mask(seg, 23, 17), mask)
+    with pytest.raises(ValueError, match=r"RLE of size \[23, 17\] for an image of 17x23"):
+        annotation_mask({"size": [23, 17], "counts": counts}, 17, 23)
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy:DeprecationWarning")
+def test_coco_polygons_cover_the_pixels_whose_centres_they_contain():
+    from pycocotools import mask as mask_utils
+
+    rng = np.random.default_rng(1)
+    height, width = 40, 50
+    for _ in range(10):
+        n = int(rng.integers(3, 9))
+        angles, radii = np.sort(rng.random(n)) * 2 * np.pi, rng.uniform(4, 18, n)
+        polygon = np.stack([25 + radii * np.cos(angles), 20 + radii * np.sin(angles)], 1).ravel().round(2).tolist()
+        got = annotation_mask([polygon], height, width)
+        expected = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects([polygon], height, width))).astype(bool)
+        np.testing.assert_array_equal(got, expected)
+        inside, dist = _inside_polygon(polygon, height, width)
+        clear = dist > 0.25  # centres on an edge may go either way
+        np.testing.assert_array_equal(got[clear], inside[clear])
+        assert inside[clear].sum() > 20
+    assert not annotation_mask([[1, 1, 5, 5]], height, width).any()  # a degenerate polygon covers nothing
+
+
+def test_coco_annotations_rasterise_to_a_category_map():
+    height, width = 24, 20
+    crowd = np.zeros((height, width), bool)
+    crowd[0:2] = True
+    crowd[8:10, 8:10] = True
+    third = np.zeros((height, width), bool)
+    third[15:22, 14:20] = True
+    anns = [  # listed smallest first: the order of drawing comes from the areas
+        {"category_id": 9, "area": 20, "segmentation": [[6, 6, 10, 6, 10, 10, 6, 10], [12, 20, 14, 20, 14, 22, 12, 22]]},
+        {"category_id": 5, "area": 256, "segmentation": [[2, 2, 18, 2, 18, 18, 2, 18]]},
+        {"category_id": 3, "area": 42, "segmentation": {"size": [height, width], "counts": _runs(third)}},
+        {"category_id": 1, "area": 44, "iscrowd": 1,
+         "segmentation": {"size": [height, width], "counts": _rle_encode(_runs(crowd))}},
+        {"category_id": 7, "area": 0, "segmentation": []},
+    ]
+    expected = np.zeros((height, width), np.uint16)
+    expected[2:18, 2:18] = 5
+    expected[third] = 3
+    expected[6:10, 6:10] = 9
+    expected[20:22, 12:14] = 9
+    expected[crowd] = 255
+    label = rasterize(anns, height, width)
+    assert label.dtype == np.uint16
+    np.testing.assert_array_equal(label, expected)
 
 
 def test_make_shards_writes_labels(tmp_path):
@@ -275,14 +340,39 @@ def test_probe_refuses_a_cache_without_labels(ray_local, photo_shards, tmp_path)
     assert train_probe.main(["--cache", str(out), "--epochs", "1", "--workers", "0"]) == 2
 
 
+def _scores(confusion: np.ndarray) -> tuple[float, float]:
+    """(pixel accuracy, mIoU over the classes present in the truth) of a confusion matrix (truth x prediction)."""
+    tp = np.diag(confusion).astype(np.float64)
+    union = confusion.sum(0) + confusion.sum(1) - tp
+    present = confusion.sum(1) > 0
+    return tp.sum() / confusion.sum(), float(np.mean(tp[present] / union[present]))
+
+
 @pytest.mark.slow
 def test_probe_data_parallel_with_ray_train(ray_local, preset_caches, tmp_path):
-    from pipeline.workflows.probe_on_cache import ProbeJobConfig, run_probe
+    from pipeline.workflows.probe_on_cache import ProbeJobConfig, load_probe, predict, run_probe
 
-    metrics = run_probe(ProbeJobConfig(cache=preset_caches["float16"].url, output=str(tmp_path / "p"), epochs=2,
-                                       batch_size=2, workers=0, ray_workers=2, val_fraction=0.3))
-    assert metrics["world_size"] == 2 and 0 <= metrics["miou"] <= 1
-    assert (tmp_path / "p" / "probe.safetensors").exists()
+    cache = preset_caches["float16"]
+    metrics = run_probe(ProbeJobConfig(cache=cache.url, output=str(tmp_path / "p"), epochs=6, batch_size=2,
+                                       workers=0, ray_workers=2, val_fraction=0.3, lr=0.05))
+    assert metrics["world_size"] == 2 and metrics["classes"] == 8
+    # the reported scores are the saved probe's on the held-out split, recomputed here from the labels
+    train, val = cache.split(0.3, 0)
+    assert metrics["val_samples"] == len(val) and metrics["train_samples"] == len(train)
+    probe = load_probe(str(tmp_path / "p"))
+    confusion = np.zeros((8, 8), np.int64)
+    for key in val:
+        truth, pred = cache.labels(key).astype(np.int64).ravel(), predict(probe, cache[key]).ravel()
+        confusion += np.bincount(truth * 8 + pred, minlength=64).reshape(8, 8)
+    accuracy, miou = _scores(confusion)
+    assert metrics["pixel_accuracy"] == pytest.approx(accuracy, abs=1e-6)
+    assert metrics["miou"] == pytest.approx(miou, abs=1e-6)
+    # and the probe learned: better than always answering the most frequent training class
+    majority = int(np.argmax(np.bincount(np.concatenate([cache.labels(k).ravel() for k in train]), minlength=8)))
+    chance = np.zeros((8, 8), np.int64)
+    chance[:, majority] = confusion.sum(1)
+    chance_accuracy, chance_miou = _scores(chance)
+    assert accuracy > chance_accuracy + 0.1 and miou > chance_miou + 0.1, (accuracy, miou, chance_accuracy, chance_miou)
 
 
 # -- pictures --------------------------------------------------------------------------------------------------

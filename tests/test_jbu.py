@@ -25,6 +25,16 @@ def test_lightning_checkpoint_reproduces_reference(jbu_vectors):
     assert rel_error(out, jbu_vectors["expected"]) < 1e-4
 
 
+def test_plain_torch_reference_reproduces_the_published_vectors(jbu_vectors):
+    """tests.reference_features (the JBU by unfold, what the job tests compare caches with) is itself right."""
+    from tests.reference_features import jbu_highres
+
+    state = load_jbu(jbu_vectors["checkpoint"]).state_dict()  # the Lightning names mapped to this stack's
+    with torch.no_grad():
+        out = jbu_highres(state, jbu_vectors["source"], jbu_vectors["image"])
+    assert rel_error(out, jbu_vectors["expected"]) < 1e-4
+
+
 def test_lightning_checkpoint_file_and_channel_norm(jbu_vectors, tmp_path):
     path = tmp_path / "dino16_jbu_stack_cocostuff.ckpt"
     torch.save(jbu_vectors["checkpoint"], path)

@@ -12,7 +12,6 @@ import pytest
 import torch
 import zarr
 
-from featup_ops import FeatureModel
 from pipeline.caching.driver import run_job
 from pipeline.caching.job_config import JobConfig
 from pipeline.caching.output_store import OutputExistsError
@@ -22,6 +21,7 @@ from pipeline.reading.feature_cache import CacheError, FeatureCache
 from pipeline.storage.images import load_sample_image
 from pipeline.storage.shards import iter_samples, resolve_shards
 from tests.corpus import BAD_KINDS, GOOD_KINDS, corpus_samples
+from tests.reference_features import random_jbu_state, reference_features
 
 SIZE = 64
 
@@ -33,15 +33,18 @@ def job_config(inputs, output, **kw) -> JobConfig:
     return JobConfig(**base)
 
 
-def expected_features(shard_urls, size: int = SIZE, dtype=np.float16, options=None) -> dict[str, np.ndarray]:
-    """Features computed directly, without Ray or storage, from the same shards."""
-    model = FeatureModel.create("oracle", "jbu", random_init=True)
+def expected_features(shard_urls, size: int = SIZE, dtype=np.float16, options=None, upsampler: str = "jbu",
+                      lowres: bool = False) -> dict[str, np.ndarray]:
+    """Features of the same shards computed independently of the job: the oracle's formula and the JBU (or
+    bilinear) evaluated with plain torch ops (tests.reference_features), without Ray, storage or FeatureModel.
+    `lowres=True` gives the backbone's low-res features instead."""
     out = {}
     for url in shard_urls:
         for sample in iter_samples(url, options):
             img, _ = load_sample_image(sample, size)
             x = torch.from_numpy(img.copy()).permute(2, 0, 1)[None].float() / 255
-            out[sample["__key__"]] = model(x)[1][0].numpy().astype(dtype)
+            features = reference_features(x, upsampler)[0 if lowres else 1]
+            out[sample["__key__"]] = features[0].numpy().astype(dtype)
     return out
 
 
@@ -53,13 +56,16 @@ def test_full_job_local(ray_local, photo_shards, tmp_path):
 
     cache = FeatureCache(str(out))
     assert len(cache) == 9 and Counter(cache.manifest.column("key").to_pylist()).most_common(1)[0][1] == 1
-    expected = expected_features([s.url for s in resolve_shards([pattern])])
+    urls = [s.url for s in resolve_shards([pattern])]
+    expected = expected_features(urls)
+    expected_lowres = expected_features(urls, lowres=True)
     assert set(cache.keys()) == set(expected)
     for key, ref in expected.items():
         got = cache[key]
         assert got.shape == (32, SIZE, SIZE) and got.dtype == np.float16
         np.testing.assert_allclose(got.astype(np.float32), ref.astype(np.float32), atol=2e-3)
-        assert cache.lowres(key).shape == (32, SIZE // 16, SIZE // 16)
+        np.testing.assert_allclose(np.asarray(cache.lowres(key), np.float32), expected_lowres[key].astype(np.float32),
+                                   atol=2e-3)
 
     row = cache.row("coffee")
     assert (row["orig_height"], row["orig_width"], row["crop_left"], row["crop_size"]) == (400, 600, 16, SIZE)
@@ -67,9 +73,13 @@ def test_full_job_local(ray_local, photo_shards, tmp_path):
 
     run = json.loads((out / "run.json").read_text())
     assert run["settings"]["backbone"] == "oracle" and run["settings"]["dtype"] == "float16"
-    assert run["settings"]["weights"]["upsampler"].startswith("state:")
+    from featup_ops.checkpoints import state_fingerprint
+
+    assert run["settings"]["weights"]["upsampler"] == f"state:{state_fingerprint(random_jbu_state())}"
     assert run["counts"]["ok"] == 9 and run["versions"]["torch"].startswith("2.14")
-    assert run["timings"]["elapsed_s"] > 0
+    timings = run["timings"]  # consistent with each other and with the counts
+    assert timings["elapsed_s"] <= timings["finished"] - timings["started"]
+    assert timings["images_per_s"] == pytest.approx(run["counts"]["ok_this_run"] / timings["elapsed_s"], rel=0.01)
 
     # a plain zarr reader sees the arrays, one chunk per sample, compressed
     root = zarr.open(str(out), mode="r")
@@ -109,6 +119,11 @@ def test_cli_limit_dtype_and_torch_dataset(ray_local, photo_shards, tmp_path):
     x = cache[0]
     assert x.dtype == np.float32 and x.shape == (32, 32, 32)
     assert np.all((x.view(np.uint32) & 0xFFFF) == 0)  # exactly representable in bfloat16
+    expected = expected_features([s.url for s in resolve_shards([f"{photo_shards}/photos-*.tar"])], 32,
+                                 dtype=np.float32, upsampler="bilinear")
+    for key in cache.keys():  # the bilinear resize of the oracle's features, to bfloat16 rounding
+        ref = expected[key]
+        assert np.all(np.abs(cache[key] - ref) <= 2.0**-8 * np.abs(ref) + 1e-6), key
     with pytest.raises(CacheError, match="no-lowres"):
         cache.lowres(0)
     loader = torch.utils.data.DataLoader(cache, batch_size=2, num_workers=2, shuffle=True)
@@ -240,10 +255,13 @@ def test_implicit_upsampler_in_the_caching_job(ray_local, tmp_path):
     cache = FeatureCache(str(out))
     assert len(cache) == 2 and cache.run["settings"]["upsampler"] == "implicit"
     assert cache.run["settings"]["upsampler_options"] == {"steps": 30, "views": 2}
-    feats = cache["coffee"]
-    assert feats.shape == (32, 32, 32) and np.isfinite(feats).all()
-    bilinear = torch.nn.functional.interpolate(torch.from_numpy(cache.lowres("coffee"))[None], size=(32, 32),
-                                               mode="bilinear")[0].numpy()
-    assert np.abs(feats - bilinear).mean() > 1e-3  # fitted per image, not a plain resize
+    # fitted per image: nearer the oracle's truth than the bilinear resize of the same low-res features
+    truth = expected_features([f"{tmp_path}/s/imp-000000.tar"], 32, np.float32, upsampler="truth")
+    bilinear = expected_features([f"{tmp_path}/s/imp-000000.tar"], 32, np.float32, upsampler="bilinear")
+    for key in ("astronaut", "coffee"):
+        feats = cache[key]
+        assert feats.shape == (32, 32, 32)
+        error, baseline = (np.linalg.norm(x - truth[key]) / np.linalg.norm(truth[key]) for x in (feats, bilinear[key]))
+        assert error < 0.9 * baseline, (key, error, baseline)
     with pytest.raises(ConfigError, match="only apply to --upsampler implicit"):
         parse_config(JobConfig, ["--input", "x", "--output", "y", "--implicit-steps", "5"]).validate()

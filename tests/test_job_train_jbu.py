@@ -71,7 +71,11 @@ def test_job_refuses_bad_configuration_before_work(shards, tmp_path, args, messa
 
 @pytest.mark.slow
 def test_job_data_parallel_on_ray_train(shards, tmp_path):
-    """Two Ray Train workers (gloo all-reduce) on a local Ray instance."""
+    """Two Ray Train workers (DDP over gloo) on a local Ray instance: each trains on its own images, yet both
+    end with the same weights, which moved away from the initial ones and are what the checkpoint holds."""
+    from featup_ops import MultiViewTrainer, create_backbone, load_checkpoint
+    from pipeline.workflows.train_on_shards import TrainJobConfig, train_config
+
     out = str(tmp_path / "ray_run")
     proc = run_job("--input", shards, "--backbone", "oracle", "--image-size", "64", "--batch-size", "1",
                    "--output", out, "--steps", "3", "--num-workers", "2", "--preview-images", "0")
@@ -79,3 +83,13 @@ def test_job_data_parallel_on_ray_train(shards, tmp_path):
     summary = json.loads((tmp_path / "ray_run" / "summary.json").read_text())
     assert summary["workers"] == 2 and summary["steps"] == 3
     assert load_jbu(out).dim == 32
+    job = TrainJobConfig(input=[shards], backbone="oracle", output=out, steps=3, image_size=64, batch_size=1)
+    backbone = create_backbone("oracle")
+    initial = MultiViewTrainer(backbone, train_config(job, backbone))
+    start = initial.weights_fingerprint()
+    fingerprints = summary["replica_fingerprints"]
+    assert len(fingerprints) == 2
+    assert fingerprints[0] == fingerprints[1], "the workers' weights diverged: gradients were not averaged"
+    assert fingerprints[0] != start, "training did not change the weights"
+    assert load_checkpoint(initial, out) == 3
+    assert initial.weights_fingerprint() == fingerprints[0]  # rank 0's checkpoint holds the common weights

@@ -103,3 +103,70 @@ def test_iterator_that_runs_dry_is_an_error(images):
     trainer = MultiViewTrainer(create_backbone("oracle"), small_config(steps=3))
     with pytest.raises(ValueError, match="iterator ended at step 1"):
         train(trainer, iter([images]), progress=False)
+
+
+class _HalvesAveraged(torch.nn.Module):
+    """What two data-parallel processes compute, in one process: the objective on each half of the batch
+    from the same random state (both processes draw the same jitters and dropout), losses averaged."""
+
+    def __init__(self, objective: torch.nn.Module):
+        super().__init__()
+        self.objective = objective
+
+    def forward(self, images):
+        generator, rng = self.objective.generator.get_state(), torch.get_rng_state()
+        first = self.objective(images[:1])
+        self.objective.generator.set_state(generator)
+        torch.set_rng_state(rng)
+        second = self.objective(images[1:])
+        return {k: (first[k] + second[k]) / 2 for k in first}
+
+
+def _ddp_worker(rank: int, world: int, port: int, images: torch.Tensor, steps: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)  # two processes on a small machine: no spinning thread pools
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        trainer = MultiViewTrainer(create_backbone("oracle"), small_config(steps=steps),
+                                   wrap_model=DistributedDataParallel)
+        for _ in range(steps):
+            trainer.train_step(images[rank:rank + 1])  # each process its own image
+        state = {f"upsampler.{k}": v for k, v in trainer.upsampler.state_dict().items()}
+        state.update({f"head.{k}": v for k, v in trainer.head.state_dict().items()})
+        save_file({k: v.contiguous() for k, v in state.items()}, f"{out}/rank{rank}.safetensors")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_data_parallel_training_averages_the_gradients(images, tmp_path):
+    """Two processes under torch's DistributedDataParallel (gloo) end where one process ends when it averages
+    the losses of both processes' images: the gradients were averaged, not summed, dropped or left alone."""
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    from tests.conftest import free_port
+
+    steps = 3
+    mp.spawn(_ddp_worker, args=(2, free_port(), images, steps, str(tmp_path)), nprocs=2, join=True)
+    ranks = {rank: load_file(str(tmp_path / f"rank{rank}.safetensors")) for rank in range(2)}
+
+    reference = MultiViewTrainer(create_backbone("oracle"), small_config(steps=steps), wrap_model=_HalvesAveraged)
+    initial = {k: v.clone() for k, v in reference.upsampler.state_dict().items()}
+    for _ in range(steps):
+        reference.train_step(images)
+    expected = {f"upsampler.{k}": v for k, v in reference.upsampler.state_dict().items()}
+    expected.update({f"head.{k}": v for k, v in reference.head.state_dict().items()})
+    for rank, state in ranks.items():
+        assert state.keys() == expected.keys()
+        for k, v in expected.items():
+            torch.testing.assert_close(state[k], v, rtol=1e-4, atol=1e-6, msg=f"rank {rank}: {k}")
+    moved = max((reference.upsampler.state_dict()[k] - v).abs().max().item() for k, v in initial.items())
+    assert moved > 1e-3
+

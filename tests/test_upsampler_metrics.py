@@ -25,7 +25,9 @@ def test_metrics_on_known_cases():
     assert mean_cosine(3 * truth, truth) == pytest.approx(1.0)
     assert mean_cosine(-truth, truth) == pytest.approx(-1.0)
     noisy = truth + 0.5 * torch.randn_like(truth)
-    assert 0 < mean_cosine(noisy, truth) < 1
+    per_pixel = (noisy * truth).sum(1) / (noisy.norm(dim=1) * truth.norm(dim=1))
+    assert mean_cosine(noisy, truth) == pytest.approx(per_pixel.mean().item(), rel=1e-6)
+    assert relative_error(noisy, truth) == pytest.approx(((noisy - truth).norm() / truth.norm()).item(), rel=1e-6)
 
 
 class TruthUpsampler(torch.nn.Module):
@@ -48,7 +50,7 @@ def test_truth_scores_best_and_recon_error_ranks_like_rel_error():
     assert bilinear.rel_error > 0.2 and bilinear.cosine < best.cosine
     # the truth-free measure agrees: the truth reconstructs jittered views far better than bilinear
     assert best.recon_error < 0.5 * bilinear.recon_error
-    assert best.images == 2 and best.seconds_per_image > 0
+    assert best.images == 2
 
 
 def test_recon_views_are_the_same_for_every_upsampler():

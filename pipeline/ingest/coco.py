@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import warnings
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -12,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
+from pycocotools import mask as mask_utils
 
 from pipeline.options import ConfigError, option
 from pipeline.storage.filesystems import filesystem
@@ -22,65 +24,48 @@ log = logging.getLogger(__name__)
 IGNORE_LABEL = 255  # crowd regions: neither background nor a reliable class
 
 
-def rle_counts_from_string(text: str) -> list[int]:
-    """Run lengths of a COCO compressed RLE string (5-bit groups, sign bit, deltas from two runs back)."""
-    counts: list[int] = []
-    p = 0
-    while p < len(text):
-        value, shift, more = 0, 0, True
-        while more:
-            c = ord(text[p]) - 48
-            value |= (c & 0x1F) << shift
-            more = bool(c & 0x20)
-            p += 1
-            shift += 5
-            if not more and c & 0x10:
-                value |= -1 << shift
-        if len(counts) > 2:
-            value += counts[-2]
-        counts.append(value)
-    return counts
+def annotation_mask(segmentation: list | dict, height: int, width: int) -> np.ndarray:
+    """A COCO segmentation (polygons, or an RLE with compressed or uncompressed counts) -> bool mask (h, w).
 
-
-def rle_decode(rle: dict) -> np.ndarray:
-    """A COCO RLE (compressed string or list of counts) -> bool mask (h, w); runs alternate 0/1, column-major."""
-    h, w = rle["size"]
-    counts = rle["counts"]
-    if isinstance(counts, (str, bytes)):
-        counts = rle_counts_from_string(counts.decode() if isinstance(counts, bytes) else counts)
-    flat = np.zeros(h * w, dtype=bool)
-    pos, value = 0, False
-    for run in counts:
-        if value:
-            flat[pos : pos + run] = True
-        pos += run
-        value = not value
-    return flat.reshape((w, h)).T
+    Decoded by pycocotools, the COCO API's own implementation of the format.
+    """
+    if isinstance(segmentation, list):  # polygons [x0, y0, x1, y1, ...]; the parts of one object are merged
+        polygons = [[float(v) for v in p] for p in segmentation if len(p) >= 6]
+        if not polygons:
+            return np.zeros((height, width), dtype=bool)
+        rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+    elif isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
+        if [int(v) for v in segmentation["size"]] != [height, width]:
+            raise ValueError(f"RLE of size {segmentation['size']} for an image of {height}x{width}: the annotation "
+                             "belongs to another image or the image entry's height/width are wrong")
+        counts = segmentation["counts"]
+        if isinstance(counts, list):  # uncompressed run lengths
+            rle = mask_utils.frPyObjects(segmentation, height, width)
+        else:
+            rle = {"size": [height, width], "counts": counts.encode() if isinstance(counts, str) else counts}
+    else:
+        raise ValueError(f"not a COCO segmentation (polygon list or RLE dict): {str(segmentation)[:80]}")
+    with warnings.catch_warnings():  # pycocotools' decoder predates numpy 2's copy keyword; the result is right
+        warnings.filterwarnings("ignore", "__array__ implementation doesn't accept a copy", DeprecationWarning)
+        return mask_utils.decode(rle).astype(bool)
 
 
 def rasterize(annotations: list[dict], height: int, width: int) -> np.ndarray:
     """COCO instance annotations -> a category map (h, w): 0 background, category id inside objects (smaller
     objects drawn over larger ones), 255 over crowd regions."""
-    label = Image.new("I", (width, height), 0)
-    draw = ImageDraw.Draw(label)
+    label = np.zeros((height, width), dtype=np.uint16)
     crowd = np.zeros((height, width), dtype=bool)
     for ann in sorted(annotations, key=lambda a: -float(a.get("area", 0))):
         seg = ann.get("segmentation")
-        if isinstance(seg, dict):
-            mask = rle_decode(seg)
-            if ann.get("iscrowd"):
-                crowd |= mask
-            else:
-                arr = np.asarray(label)
-                label = Image.fromarray(np.where(mask, ann["category_id"], arr).astype(np.int32), "I")
-                draw = ImageDraw.Draw(label)
-        elif isinstance(seg, list):
-            for polygon in seg:
-                if len(polygon) >= 6:
-                    draw.polygon([float(v) for v in polygon], fill=int(ann["category_id"]))
-    out = np.asarray(label).astype(np.uint16)
-    out[crowd] = IGNORE_LABEL
-    return out
+        if not seg:
+            continue
+        mask = annotation_mask(seg, height, width)
+        if ann.get("iscrowd"):
+            crowd |= mask
+        else:
+            label[mask] = int(ann["category_id"])
+    label[crowd] = IGNORE_LABEL
+    return label
 
 
 def label_png(label: np.ndarray) -> bytes:
@@ -175,7 +160,11 @@ def _label_for(name: str, data: bytes, info: dict | None, anns_by_image: dict, l
     if oracle:
         return oracle_label_png(data)
     if rasterize_annotations and info is not None and info.get("height") and info.get("width"):
-        return label_png(rasterize(anns_by_image.get(info["id"], []), int(info["height"]), int(info["width"])))
+        try:
+            label = rasterize(anns_by_image.get(info["id"], []), int(info["height"]), int(info["width"]))
+        except ValueError as exc:
+            raise ValueError(f"annotations of {name} (image id {info['id']}): {exc}") from None
+        return label_png(label)
     return None
 
 

@@ -12,7 +12,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -163,40 +163,19 @@ def train_config(cfg: TrainJobConfig, backbone) -> TrainConfig:
                        range_temp_init=cfg.range_temp_init)
 
 
-def _all_reduce_hook(world: int):
-    import torch.distributed as dist
-
-    def hook(params: list[torch.Tensor]) -> None:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat /= world
-        offset = 0
-        for p in params:
-            n = p.numel()
-            p.grad = flat[offset:offset + n].view_as(p).clone()
-            offset += n
-
-    return hook
-
-
-def run_training(cfg: TrainJobConfig, rank: int = 0, world: int = 1, device: str | torch.device = "cpu") -> dict:
-    """Trains in this process (one data-parallel worker of `world`); rank 0 writes checkpoints."""
+def run_training(cfg: TrainJobConfig, rank: int = 0, world: int = 1, device: str | torch.device = "cpu",
+                 wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> dict:
+    """Trains in this process (one data-parallel worker of `world`, its trainable modules wrapped by
+    `wrap_model`, e.g. Ray Train's `prepare_model`); rank 0 writes checkpoints."""
     from featup_ops import MultiViewTrainer, load_checkpoint, train
     from featup_ops.multiview_trainer import checkpoint_exists
 
     backbone = build_backbone(cfg)
     tcfg = train_config(cfg, backbone)
-    hook = _all_reduce_hook(world) if world > 1 else None
-    trainer = MultiViewTrainer(backbone, tcfg, device=device, grad_hook=hook)
+    trainer = MultiViewTrainer(backbone, tcfg, device=device, wrap_model=wrap_model)
     if cfg.resume and checkpoint_exists(cfg.output, cfg.output_options):
-        step = load_checkpoint(trainer, cfg.output, cfg.output_options)
+        step = load_checkpoint(trainer, cfg.output, cfg.output_options)  # the same file in every worker
         log.info("resuming from %s at step %d of %d", cfg.output, step, tcfg.steps)
-    if world > 1:
-        import torch.distributed as dist
-
-        for p in [p for m in (trainer.upsampler, trainer.downsampler, trainer.head) for p in m.parameters()]:
-            dist.broadcast(p.data, src=0)
     log.info("training a JBU stack for %s (%d channels) on %s, %d steps from step %d, batch %d x %d workers, "
              "%d px, %s downsampler, channel norm %s", backbone.name, backbone.dim, cfg.input, tcfg.steps,
              trainer.step, cfg.batch_size, world, cfg.image_size, tcfg.downsampler, tcfg.channel_norm)
@@ -210,18 +189,24 @@ def run_training(cfg: TrainJobConfig, rank: int = 0, world: int = 1, device: str
                "workers": world, "recipe": json.loads(tcfg.to_json()),
                "final_loss": float(np.mean([h["loss"] for h in tail])) if tail else None,
                "final_relative_mse": float(np.mean([h["relative_mse"] for h in tail])) if tail else None,
-               "first_loss": history[0]["loss"] if history else None}
+               "first_loss": history[0]["loss"] if history else None,
+               "weights_fingerprint": trainer.weights_fingerprint()}
     return summary
 
 
 def _ray_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
+    import torch.distributed as dist
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     ctx = ray.train.get_context()
     cfg = TrainJobConfig(**config["job"])
-    summary = run_training(cfg, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())
+    summary = run_training(cfg, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(),
+                           wrap_model=ray.train.torch.prepare_model)  # DistributedDataParallel
+    fingerprints: list[str | None] = [None] * ctx.get_world_size()
+    dist.all_gather_object(fingerprints, summary["weights_fingerprint"])
+    summary["replica_fingerprints"] = fingerprints  # one per worker: equal when the workers stayed in sync
     ray.train.report({k: v for k, v in summary.items() if isinstance(v, (int, float))})
     if ctx.get_world_rank() == 0:
         put_json(join(cfg.output, "summary.json"), summary, cfg.storage_options)
