@@ -21,12 +21,14 @@ from pipeline.caching.driver import JobFailed, run_job  # noqa: E402
 from pipeline.caching.job_config import JobConfig  # noqa: E402
 from pipeline.caching.lease import LeaseLost  # noqa: E402
 from pipeline.options import ConfigError, parse_config  # noqa: E402
+from pipeline.storage.credentials import redact_logs  # noqa: E402
 
 log = logging.getLogger("upsample_coco")
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    redact_logs()
     argv = sys.argv[1:] if argv is None else argv
     try:
         if not argv:

@@ -8,9 +8,12 @@
     config = parse_config(TrainConfig, argv, description=__doc__)   # flags, help and defaults from the fields
 
 Each field's flag is `--field-name` (or `flag=`), its type comes from the annotation (bool fields are
-switches; `X | None` takes an X; Mapping fields parse JSON; tuple/list fields with `repeat=True` collect
-repeated flags), its default and help are the field's own. `ConfigError` is the one error every job raises
-for a configuration it refuses before doing any work.
+switches; `X | None` takes an X; Mapping fields parse JSON, inline or `@file`; tuple/list fields with
+`repeat=True` collect repeated flags), its default and help are the field's own. `ConfigError` is the one error
+every job raises for a configuration it refuses before doing any work.
+
+Credentials: the JSON of a `CREDENTIAL_FIELDS` field (storage options) is masked as soon as it is parsed
+(`pipeline.storage.credentials.mask`), left out of run records, and never echoed in an error message.
 """
 
 from __future__ import annotations
@@ -18,17 +21,27 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import types
 import typing
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
+
+from pipeline.storage.credentials import credential_names, mask, redact, redact_logs
 
 T = TypeVar("T")
 _MISSING = dataclasses.MISSING
+CREDENTIAL_FIELDS = ("storage_options",)  # fields that may hold credentials: masked on parse, never recorded
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
-    """A configuration a job refuses before doing any work; the message names the value and the fix."""
+    """A configuration a job refuses before doing any work; the message names the value and the fix (with any
+    credential in it masked)."""
+
+    def __init__(self, *args: Any):
+        super().__init__(*(redact(a) if isinstance(a, str) else a for a in args))
 
 
 def option(default: Any = _MISSING, *, help: str, flag: str | None = None, choices: Sequence[Any] | None = None,
@@ -59,13 +72,32 @@ def _base_type(annotation: Any) -> tuple[Any, bool]:
 
 
 def _json_object(text: str) -> dict:
+    """A JSON object given inline or as `@path` (a file; keeps credentials off the command line). Errors never
+    repeat the text: it may hold credentials."""
+    source = "JSON"
     try:
+        if text.startswith("@"):
+            source = f"the JSON file {text[1:]}"
+            text = Path(text[1:]).expanduser().read_text()
         value = json.loads(text)
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {source}: {exc.strerror or exc}") from None
     except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({exc.msg}): {text!r}") from None
+        raise argparse.ArgumentTypeError(f"{source} is not valid ({exc.msg} at line {exc.lineno} column "
+                                         f"{exc.colno})") from None
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"key\": 1}}', got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {source} to hold an object like '{{\"key\": 1}}', got a "
+                                         f"{type(value).__name__}")
+    if source == "JSON" and credential_names(value):
+        log.warning("credentials (%s) given on the command line, where ps, shell history and Ray's job table see "
+                    "them: pass @file.json or use the environment or an instance role (README: Credentials)",
+                    ", ".join(credential_names(value)))
     return value
+
+
+def _masked_json_object(text: str) -> dict:
+    """`_json_object` with every credential wrapped in a masked `Secret`."""
+    return mask(_json_object(text))
 
 
 def _flag(f: dataclasses.Field) -> str:
@@ -100,7 +132,8 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
             inner = (typing.get_args(kind) or (str,))[0]
             kwargs.update(action="append", type=inner)
         elif origin in (dict, Mapping) or origin is typing.Mapping:
-            kwargs.update(type=_json_object, metavar=meta["metavar"] or "JSON")
+            parse = _masked_json_object if f.name in CREDENTIAL_FIELDS else _json_object
+            kwargs.update(type=parse, metavar=meta["metavar"] or "JSON")
         elif kind in (int, float, str):
             kwargs["type"] = kind
         if meta["choices"]:
@@ -140,7 +173,7 @@ def parse_config(cls: type[T], argv: Sequence[str] | None, description: str | No
     return config_from_namespace(cls, build_parser(cls, description).parse_args(argv))
 
 
-def record_of(config: Any, hidden: Sequence[str] = ("storage_options",)) -> dict:
+def record_of(config: Any, hidden: Sequence[str] = CREDENTIAL_FIELDS) -> dict:
     """A config as JSON-able settings for run records, without the fields named in `hidden`."""
     return {k: v for k, v in dataclasses.asdict(config).items() if k not in hidden}
 
@@ -148,9 +181,8 @@ def record_of(config: Any, hidden: Sequence[str] = ("storage_options",)) -> dict
 def run_command(name: str, cls: type[T], run: Any, argv: Sequence[str] | None, description: str | None) -> int:
     """A job's whole `main`: logging, flags -> config, `run(config)`; a refused configuration exits with 2 and a
     one-line message naming the job (no traceback)."""
-    import logging
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    redact_logs()
     try:
         run(parse_config(cls, argv, description))
     except ConfigError as exc:

@@ -6,7 +6,7 @@ import json
 import logging
 import os
 
-from pipeline.storage.filesystems import worker_env
+from pipeline.storage.credentials import is_secret_env_var, public_env
 
 log = logging.getLogger(__name__)
 
@@ -15,8 +15,10 @@ def init_ray(address: str | None = None) -> None:
     """Connects to `address` (default: RAY_ADDRESS) or starts a local instance; a no-op if Ray is up.
 
     A local instance keeps to the loopback interface: a single-machine run has no reason to listen on
-    or talk over the network (Ray otherwise picks the machine's external address). Workers inherit this
-    process's storage environment (S3 endpoint and credentials variables).
+    or talk over the network (Ray otherwise picks the machine's external address). Workers get this
+    process's public storage variables (endpoint, region, profile, checksums) in the job's runtime
+    environment; credentials never go there (Ray shows runtime environments to anyone who can reach its
+    dashboard or state API): they travel masked, see `pipeline.storage.credentials.for_workers`.
     """
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
@@ -34,12 +36,22 @@ def init_ray(address: str | None = None) -> None:
         ray.init(include_dashboard=False, runtime_env=env, log_to_driver=True)
 
 
+def worker_runtime_env(taken: set[str] | frozenset[str] = frozenset()) -> dict | None:
+    """The runtime environment every worker gets: this process's public storage variables, minus `taken`."""
+    env = {k: v for k, v in public_env().items() if k not in taken}
+    return {"env_vars": env} if env else None
+
+
 def _worker_runtime_env() -> dict | None:
-    """The storage variables for every worker, minus those a `ray job submit --runtime-env` already sets
-    (Ray refuses to merge a driver's env var into the job's when both name it)."""
+    """`worker_runtime_env` minus the variables a `ray job submit --runtime-env` already sets (Ray refuses to
+    merge a driver's env var into the job's when both name it); warns when that runtime env holds credentials."""
     from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
 
     job = json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR) or "{}")
     taken = set(((job.get("runtime_env") or {}).get("env_vars") or {}))
-    env = {k: v for k, v in worker_env().items() if k not in taken}
-    return {"env_vars": env} if env else None
+    exposed = sorted(k for k in taken if is_secret_env_var(k))
+    if exposed:
+        log.warning("the job's runtime environment sets %s: Ray shows runtime environments in its dashboard, "
+                    "state API and logs; start the nodes with the keys (or an instance role) instead, or pass "
+                    "--storage-options @file.json (README: Credentials)", ", ".join(exposed))
+    return worker_runtime_env(taken)

@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -47,8 +56,8 @@ def free_port() -> int:
 def s3_endpoint():
     """A real S3 API: a moto server on 127.0.0.1 and a free port, with dummy credentials (never real ones).
 
-    The endpoint and credentials go into the environment, as a user would set them; Ray workers inherit
-    them through the job's runtime_env.
+    The endpoint and credentials go into the environment, as a user would set them; Ray workers get the
+    endpoint through the job's runtime_env and the keys masked (pipeline.storage.credentials).
     """
     import logging
 
@@ -107,7 +116,95 @@ def photo_shards(tmp_path_factory) -> Path:
     return root
 
 
-# jobs/ holds scripts, not a package: make them importable for in-process CLI tests.
-import sys  # noqa: E402
+RAY_CLI = str(Path(sys.executable).parent / "ray")
 
+
+@dataclass(frozen=True)
+class RayHead:
+    address: str      # the dashboard (job submission, state API)
+    gcs_address: str  # for drivers that connect with ray.init
+    env: dict         # the environment that talks to it: token auth
+    temp_dir: str     # Ray's temp dir: the session directory with every log lives under it
+
+
+@contextmanager
+def ray_head_node(workdir: Path, env: Mapping[str, str | None] | None = None) -> Iterator[RayHead]:
+    """`ray start --head` on 127.0.0.1 with a private token and free ports, torn down with its process group.
+
+    `env` adds (or, with None, removes) variables of the head's environment, which its workers inherit.
+    """
+    token = workdir / "token"
+    token.write_text(secrets.token_hex(32))
+    dash, gcs_port = free_port(), free_port()
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's unix socket paths must fit 107 chars
+    log = open(workdir / "ray-start.log", "w")
+    head_env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token),
+                    PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    head_env.pop("RAY_ADDRESS", None)
+    for name, value in (env or {}).items():
+        if value is None:
+            head_env.pop(name, None)
+        else:
+            head_env[name] = value
+    head = subprocess.Popen(
+        [RAY_CLI, "start", "--head", "--block", f"--port={gcs_port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
+         "--disable-usage-stats", f"--temp-dir={temp_dir}",
+         # fixed default ports would collide with the local Ray of the other tests: its agent would not start
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+         f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+         f"--ray-client-server-port={free_port()}"],
+        env=head_env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:  # up once it accepts a job: its job agent starts after the job API answers
+            probe = subprocess.run([RAY_CLI, "job", "submit", "--address", address, "--", "python", "-c", "pass"],
+                                   env=head_env, capture_output=True, timeout=120)
+            if probe.returncode == 0:
+                break
+            assert head.poll() is None, "ray start --head exited: " + (workdir / "ray-start.log").read_text()[-2000:]
+            time.sleep(2)
+        else:
+            pytest.fail("the head never accepted a job within 240 s: " + probe.stderr.decode()[-2000:]
+                        + job_head_log(temp_dir))
+        yield RayHead(address, f"127.0.0.1:{gcs_port}", head_env, temp_dir)
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(head.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def ray_head(tmp_path) -> Iterator[RayHead]:
+    """A fresh `ray start --head` for one test."""
+    with ray_head_node(tmp_path) as head:
+        yield head
+
+
+def job_head_log(temp_dir: str) -> str:
+    logs = sorted(Path(temp_dir).glob("session_*/logs/dashboard_JobHead.log"))
+    return "\n--- dashboard_JobHead.log ---\n" + logs[-1].read_text()[-3000:] if logs else ""
+
+
+def submit_job(head: RayHead, args: list[str], env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`ray job submit --working-dir <repo> -- python ARGS` against `head`, waiting for the job's end."""
+    submit = [RAY_CLI, "job", "submit", "--address", head.address, "--working-dir", str(ROOT), "--", "python", *args]
+    for _ in range(3):  # Ray's job head answers "No available agent ..., please try again later" when it is slow
+        proc = subprocess.run(submit, env=dict(env or head.env), capture_output=True, text=True, timeout=600, cwd=ROOT)
+        if proc.returncode == 0 or "No available agent" not in proc.stderr:
+            break
+        time.sleep(5)
+    return proc
+
+
+# jobs/ holds scripts, not a package: make them importable for in-process CLI tests.
 sys.path.insert(0, str(ROOT / "jobs"))

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -25,7 +22,7 @@ from pipeline.ingest.sample_photos import COLOR_PHOTOS, GRAY_PHOTOS, photo_sampl
 from pipeline.ingest.shard_writer import write_shards
 from pipeline.reading.feature_cache import FeatureCache
 from pipeline.storage.shards import resolve_shards
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, job_head_log, submit_job
 from tests.test_job import expected_features, job_config
 
 pytestmark = pytest.mark.slow
@@ -128,71 +125,12 @@ def test_driver_killed_then_resumed(many_shards, tmp_path):
     assert run["counts"]["ok"] == 16
 
 
-@pytest.fixture
-def ray_head(tmp_path):
-    """`ray start --head` on 127.0.0.1 with a private token, torn down with its whole process group."""
-    token = tmp_path / "token"
-    token.write_text(secrets.token_hex(32))
-    dash = free_port()
-    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's unix socket paths must fit 107 chars
-    log = open(tmp_path / "ray-start.log", "w")
-    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token),
-               PATH=f"{Path(PY).parent}:{os.environ['PATH']}")
-    env.pop("RAY_ADDRESS", None)
-    head = subprocess.Popen(
-        [str(Path(PY).parent / "ray"), "start", "--head", "--block", f"--port={free_port()}",
-         "--node-ip-address=127.0.0.1", "--num-cpus=2", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={temp_dir}",
-         # fixed default ports would collide with the local Ray of the other tests: its agent would not start
-         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-         f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
-         f"--ray-client-server-port={free_port()}"],
-        env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
-    address = f"http://127.0.0.1:{dash}"
-    ray_cli = str(Path(PY).parent / "ray")
-    deadline = time.time() + 240
-    while time.time() < deadline:  # up once it accepts a job: its job agent starts after the job API answers
-        probe = subprocess.run([ray_cli, "job", "submit", "--address", address, "--", "python", "-c", "pass"],
-                               env=env, capture_output=True, timeout=120)
-        if probe.returncode == 0:
-            break
-        assert head.poll() is None, "ray start --head exited: " + (tmp_path / "ray-start.log").read_text()[-2000:]
-        time.sleep(2)
-    else:
-        pytest.fail("the head never accepted a job within 240 s: " + probe.stderr.decode()[-2000:]
-                    + _job_head_log(temp_dir))
-    yield address, env, temp_dir
-    os.killpg(head.pid, signal.SIGTERM)
-    try:
-        head.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(head.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    log.close()
-    shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def _job_head_log(temp_dir: str) -> str:
-    logs = sorted(Path(temp_dir).glob("session_*/logs/dashboard_JobHead.log"))
-    return "\n--- dashboard_JobHead.log ---\n" + logs[-1].read_text()[-3000:] if logs else ""
-
-
 def test_ray_job_submit_against_a_head_node(ray_head, photo_shards, tmp_path):
-    address, env, temp_dir = ray_head
     out = tmp_path / "submitted.zarr"
-    submit = [str(Path(PY).parent / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
-              "python", "jobs/upsample_coco.py", "--input", f"{photo_shards}/photos-{{000000..000002}}.tar",
-              "--output", str(out), "--backbone", "oracle", "--upsampler", "jbu", "--random-init",
-              "--image-size", "64", "--batch-size", "2"]
-    for _ in range(3):  # Ray's job head answers "No available agent ..., please try again later" when it is slow
-        proc = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
-        if proc.returncode == 0 or "No available agent" not in proc.stderr:
-            break
-        time.sleep(5)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:] + _job_head_log(temp_dir)
+    proc = submit_job(ray_head, [
+        "jobs/upsample_coco.py", "--input", f"{photo_shards}/photos-{{000000..000002}}.tar", "--output", str(out),
+        "--backbone", "oracle", "--upsampler", "jbu", "--random-init", "--image-size", "64", "--batch-size", "2"])
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:] + job_head_log(ray_head.temp_dir)
     assert "succeeded" in proc.stdout + proc.stderr
     assert "connecting to the Ray cluster" in proc.stdout + proc.stderr
     cache = FeatureCache(str(out))

@@ -30,8 +30,9 @@ class JobConfig:
              "listing shards (one per line) / a shard index.json; repeat for several")
     output: str = option("", group=IO, help="Zarr store location: a local path or s3://bucket/path.zarr")
     storage_options: Mapping[str, Any] = option(
-        {}, group=IO, help='fsspec options as JSON, e.g. \'{"endpoint_url": "http://minio:9000"}\'; the S3 endpoint '
-                           "is also read from AWS_ENDPOINT_URL / FSSPEC_S3_ENDPOINT_URL")
+        {}, group=IO, help='fsspec options as JSON, e.g. \'{"endpoint_url": "http://minio:9000"}\', or @file.json '
+                           "(keys belong in a file or the environment, never the command line: README, Credentials); "
+                           "the S3 endpoint is also read from AWS_ENDPOINT_URL / FSSPEC_S3_ENDPOINT_URL")
     overwrite: bool = option(False, group=IO, help="replace an existing output written with other settings "
                                                    "(default: refuse)")
     limit: int | None = option(None, group=IO, help="process at most this many samples (in input order), e.g. for "

@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from dataclasses import replace
 
 from pipeline.caching.job_config import JobConfig
 from pipeline.caching.output_store import OutputStore
 from pipeline.caching.presets import pca_components
 from pipeline.caching.shard_processor import ShardProcessor, ShardResult, ShardTask
-from pipeline.storage.filesystems import worker_env
+from pipeline.ray_runtime import worker_runtime_env
+from pipeline.storage.credentials import for_workers
 from pipeline.storage.shards import Shard
 
 log = logging.getLogger(__name__)
@@ -68,15 +70,20 @@ def actor_layout(config: JobConfig) -> tuple[int, float, float]:
 
 
 def start_actors(config: JobConfig, shards_to_do: int) -> list:
-    """The pool: each actor pinned to its GPU(s) (or CPUs), torch threads sized to its CPUs."""
+    """The pool: each actor pinned to its GPU(s) (or CPUs), torch threads sized to its CPUs.
+
+    Actors get the public storage variables in their runtime environment and credentials only inside their
+    config's storage options, masked and by object reference (`credentials.for_workers`).
+    """
     import ray
 
     n_actors, gpus, cpus = actor_layout(config)
     n_actors = min(n_actors, max(1, shards_to_do))
     remote_cls = ray.remote(concurrency_groups={"compute": IN_FLIGHT_PER_ACTOR, "status": 1})(ShardWorker)
     actor_opts = dict(num_gpus=gpus, num_cpus=cpus, max_restarts=config.max_actor_restarts, max_task_retries=0,
-                      runtime_env={"env_vars": worker_env()})
-    return [remote_cls.options(**actor_opts).remote(config, int(cpus)) for _ in range(n_actors)]
+                      runtime_env=worker_runtime_env())
+    shipped = replace(config, storage_options=for_workers(config.storage_options))
+    return [remote_cls.options(**actor_opts).remote(shipped, int(cpus)) for _ in range(n_actors)]
 
 
 def stop_actors(actors: list) -> None:

@@ -183,7 +183,7 @@ class MakeShardsConfig:
                                              "image")
     rasterize: bool = option(True, negate="--no-rasterize",
                              help="do not rasterise instance annotations into a seg.png category map")
-    storage_options: Mapping[str, Any] = option({}, help="fsspec options as JSON")
+    storage_options: Mapping[str, Any] = option({}, help="fsspec options: JSON or @file.json")
 
 
 def run(config: MakeShardsConfig) -> dict:

@@ -216,9 +216,13 @@ class FeatureCache(torch.utils.data.Dataset):
         """A Ray Data dataset of {"key", "features", "labels"} rows read by `concurrency` reader actors."""
         import ray.data
 
+        from pipeline.ray_runtime import init_ray
+        from pipeline.storage.credentials import for_workers
+
+        init_ray()
         items = [{"key": k} for k in (keys if keys is not None else self._keys)]
-        return ray.data.from_items(items).map_batches(
-            _RayReader, fn_constructor_args=(self.url, self.storage_options, with_labels, crop_size),
+        return ray.data.from_items(items).map_batches(  # credentials travel masked, by object reference
+            _RayReader, fn_constructor_args=(self.url, for_workers(self.storage_options), with_labels, crop_size),
             batch_size=8, concurrency=concurrency)
 
     def __repr__(self) -> str:

@@ -77,7 +77,7 @@ class PreviewConfig:
     key: list[str] | None = option(None, repeat=True, help="sample key to render; repeat (default: the first --count)")
     count: int = option(4, help="how many samples when no --key is given")
     out: str | None = option(None, help="folder for the PNGs (default: <cache>/previews)")
-    storage_options: Mapping[str, Any] = option({}, help="fsspec options as JSON")
+    storage_options: Mapping[str, Any] = option({}, help="fsspec options: JSON or @file.json")
 
 
 def run(config: PreviewConfig) -> list[str]:

@@ -2,6 +2,8 @@
 
 Every URL the pipeline touches (shards, output store, checkpoints) goes through `filesystem()`, so a
 local path, `s3://` (AWS or any S3-compatible endpoint) and other fsspec protocols behave the same.
+Storage options reach fsspec only through `resolve_options`, which reveals masked credentials
+(`pipeline.storage.credentials`) at the last moment.
 """
 
 from __future__ import annotations
@@ -14,18 +16,12 @@ from typing import Any
 import fsspec
 
 from pipeline.options import ConfigError
-
-# Environment variables that carry storage endpoints and credentials; propagated to Ray workers, whose
-# environment on a multi-node cluster is the node's own, not the submitter's.
-STORAGE_ENV_VARS = (
-    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "FSSPEC_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
-    "AWS_REQUEST_CHECKSUM_CALCULATION", "AWS_RESPONSE_CHECKSUM_VALIDATION", "FSSPEC_S3_KEY", "FSSPEC_S3_SECRET",
-)
+from pipeline.storage.credentials import reveal
 
 
 class StorageError(ConfigError):
-    """Storage that cannot be reached or used (bucket missing, endpoint down, no permission)."""
+    """Storage that cannot be reached or used (bucket missing, endpoint down, no permission); like every
+    ConfigError, its message has credentials masked."""
 
 
 def protocol_of(url: str) -> str:
@@ -40,12 +36,13 @@ def s3_endpoint_from_env() -> str | None:
 
 
 def resolve_options(url: str | None, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Storage options for `url`: the user's, plus an S3 endpoint from the environment when they name none.
+    """Storage options for `url`, as fsspec takes them: the user's with credentials revealed, plus an S3
+    endpoint from the environment when they name none.
 
     A custom (non-AWS) S3 endpoint gets checksums "when_required": newer botocore defaults add checksum
     headers that S3-compatible servers often reject.
     """
-    opts = dict(options or {})
+    opts = reveal(options)
     if url and protocol_of(url) in ("s3", "s3a"):
         client_kwargs = dict(opts.get("client_kwargs") or {})
         endpoint = opts.get("endpoint_url") or client_kwargs.get("endpoint_url") or s3_endpoint_from_env()
@@ -82,11 +79,6 @@ def join(base: str, *parts: str) -> str:
     for part in parts:
         out += "/" + part.strip("/")
     return out
-
-
-def worker_env() -> dict[str, str]:
-    """The storage-related environment of this process, to hand to Ray workers."""
-    return {k: os.environ[k] for k in STORAGE_ENV_VARS if os.environ.get(k)}
 
 
 def check_reachable(url: str, options: Mapping[str, Any] | None = None, must_exist: bool = False) -> None:

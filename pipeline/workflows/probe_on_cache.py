@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from pipeline.options import ConfigError, option, record_of
 from pipeline.ray_runtime import init_ray
 from pipeline.reading.feature_cache import FeatureCache, LabelledFeatures
+from pipeline.storage.credentials import for_workers
 from pipeline.storage.filesystems import filesystem
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ class ProbeJobConfig:
 
     cache: str = option(required=True, help="feature cache written by jobs/upsample_coco.py (local or s3://)")
     output: str | None = option(None, help="folder for probe.safetensors and metrics.json (local or fsspec URL)")
-    storage_options: Mapping[str, Any] = option({}, help="fsspec options as JSON")
+    storage_options: Mapping[str, Any] = option({}, help="fsspec options: JSON or @file.json")
     val_fraction: float = option(0.2, help="held-out share of the samples")
     seed: int = option(0, help="seed of the split, the shuffling and the probe's initialisation")
     epochs: int = option(10, help="passes over the training samples")
@@ -161,9 +162,10 @@ def run_probe_ray(config: ProbeJobConfig) -> dict:
     classes = config.classes or infer_classes(cache, train_keys, config.ignore_index)
     # Rank 0 writes the probe and metrics.json; read back from there (a temporary folder without --output).
     output = config.output or tempfile.mkdtemp(prefix="featup-probe-out-")
-    loop_config = {**asdict(config), "classes": classes, "ray_workers": 0, "workers": 0, "output": output,
-                   "storage_options": dict(config.storage_options)}
     init_ray()
+    # credentials travel masked, by object reference (Ray Train shows and keeps the loop config)
+    loop_config = {**asdict(config), "classes": classes, "ray_workers": 0, "workers": 0, "output": output,
+                   "storage_options": for_workers(config.storage_options)}
     t0 = time.perf_counter()
     trainer = TorchTrainer(
         _ray_train_loop, train_loop_config=loop_config,

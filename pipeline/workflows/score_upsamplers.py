@@ -45,7 +45,7 @@ class EvalConfig:
     implicit_total_views: int | None = option(None, help="implicit upsampler: jittered views per image")
     implicit_reference: bool = option(False, help="implicit upsampler: the reference settings (1,200 steps, 3,000 "
                                                   "views) as the base")
-    storage_options: dict[str, Any] = option({}, help="fsspec options as JSON")
+    storage_options: dict[str, Any] = option({}, help="fsspec options: JSON or @file.json")
 
     def validate(self) -> None:
         from featup_ops import list_upsamplers

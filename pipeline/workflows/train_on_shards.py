@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from pipeline.options import ConfigError, option
-from pipeline.storage.filesystems import join, put_bytes, put_json, resolve_options
+from pipeline.storage.filesystems import filesystem, join, put_bytes, put_json, resolve_options
 
 if TYPE_CHECKING:
     from featup_ops import TrainConfig
@@ -66,7 +66,7 @@ class TrainJobConfig:
     use_gpu: bool = option(False, help="one GPU per worker (or this process's GPU)")
     ray_address: str | None = option(None, help="Ray cluster address (default: the one `ray job submit` gives, "
                                                 "or a local one)")
-    storage_options: dict[str, Any] = option({}, help="fsspec options as JSON")
+    storage_options: dict[str, Any] = option({}, help="fsspec options: JSON or @file.json")
     shuffle_buffer: int = option(256, help="images held for shuffling")
 
     @property
@@ -220,10 +220,13 @@ def run_ray(cfg: TrainJobConfig) -> None:
     from ray.train.torch import TorchTrainer
 
     from pipeline.ray_runtime import init_ray
+    from pipeline.storage.credentials import for_workers
 
     init_ray(cfg.ray_address)
-    # the output was checked before work started, so a restarted worker group resumes from its checkpoint
-    trainer = TorchTrainer(_ray_worker, train_loop_config={"job": {**asdict(cfg), "resume": True}},
+    # the output was checked before work started, so a restarted worker group resumes from its checkpoint;
+    # credentials travel masked, by object reference (Ray Train shows and keeps the loop config)
+    job = {**asdict(cfg), "resume": True, "storage_options": for_workers(cfg.storage_options)}
+    trainer = TorchTrainer(_ray_worker, train_loop_config={"job": job},
                            scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                                         resources_per_worker={"CPU": 1}),
                            run_config=RunConfig(name=f"train_jbu_{cfg.backbone}",
@@ -231,6 +234,8 @@ def run_ray(cfg: TrainJobConfig) -> None:
     result = trainer.fit()
     if result.error is not None:
         raise result.error
+    fs, path = filesystem(cfg.output, cfg.storage_options)
+    fs.invalidate_cache(path)  # the workers wrote the checkpoint: listings this process cached are stale
 
 
 def write_preview(cfg: TrainJobConfig) -> None:
