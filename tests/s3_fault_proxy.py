@@ -127,6 +127,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _proxy(self) -> None:
         proxy = self.server.proxy
         path = request_target(self.path)
+        proxy.check_trigger(self.command, path)
         if proxy.in_outage:
             _abort(self.connection)
             self.close_connection = True
@@ -258,6 +259,7 @@ class FaultProxy:
         self.forwarded = 0
         self.in_outage = False
         self.outages: list[tuple[float, float | None]] = []  # (start, end) monotonic times
+        self._trigger: tuple | None = None
         self._server = self._serve(port)
         self.port = self._server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
@@ -335,6 +337,23 @@ class FaultProxy:
                 "by_kind_and_op": {f"{k}/{o}": n for (k, o), n in Counter((f.kind, f.op) for f in faults).items()}}
 
     # -- outages ---------------------------------------------------------------------------------------------
+    def outage_when(self, predicate, seconds: float | None = None) -> None:
+        """Starts an outage at the first request for which `predicate(method, path)` holds (that request
+        included), ending it `seconds` later (None: it lasts until `outage(False)`)."""
+        self._trigger = (predicate, seconds)
+
+    def check_trigger(self, method: str, path: str) -> None:
+        with self._lock:
+            trigger = self._trigger
+            if trigger is None or not trigger[0](method, path):
+                return
+            self._trigger = None
+        self.outage(True)
+        if trigger[1] is not None:
+            timer = threading.Timer(trigger[1], self.outage, args=(False,))
+            timer.daemon = True
+            timer.start()
+
     def outage(self, on: bool) -> None:
         """On: stop listening and reset every open connection (each connect is refused). Off: listen again."""
         if on == self.in_outage:

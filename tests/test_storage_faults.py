@@ -6,7 +6,6 @@ storage patience, and a rerun resumes."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import numpy as np
@@ -21,10 +20,10 @@ from pipeline.storage.filesystems import filesystem
 from pipeline.storage.retries import RETRIES, is_storage_unavailable
 from pipeline.storage.shards import iter_samples, resolve_shards
 from tests.s3_fault_proxy import KINDS, FaultPlan, FaultProxy
-from tests.test_job import expected_features, job_config
+from tests.test_job import job_config
 
 RATE_PER_KIND = 0.03  # five kinds: 15% of requests get a fault
-OUTAGE_S = 30.0  # twice the longest request-level retry budget (1 + 2 + 4 + 8 s of backoff), so shards must wait
+OUTAGE_S = 20.0  # longer than the longest request-level retry budget (1 + 2 + 4 + 8 s of backoff): shards must wait
 PATIENCE_S = 10.0
 
 
@@ -154,15 +153,10 @@ def test_job_through_request_faults_equals_a_clean_run(ray_local, s3_endpoint, s
     with FaultProxy(s3_endpoint, _plan(seed=7), keep_alive=False) as proxy:
         summary = run_job(_job(urls, out, storage_options={"endpoint_url": proxy.url}))
     stats = proxy.summary()
-    print("TIMING job", summary.seconds, stats)
     assert summary.ok == 8 and not summary.shards_failed
     assert stats["rate"] >= 0.10, stats
     assert set(stats["by_kind_and_op"]) == {f"{k}/{op}" for k in KINDS for op in ("read", "write")}, stats
     _assert_same_output(out, clean_run[0])
-    expected = expected_features(urls)
-    cache = FeatureCache(out)
-    for key, ref in expected.items():
-        np.testing.assert_allclose(cache[key].astype(np.float32), ref.astype(np.float32), atol=2e-3)
 
     # no shard redone: request retries absorbed every fault, each counted where it happened
     commits = _commits(_direct(s3_endpoint), out)
@@ -180,26 +174,6 @@ def test_job_through_request_faults_equals_a_clean_run(ray_local, s3_endpoint, s
     assert retries["request_retries"] == retries["request_retries_shards"] + retries["request_retries_driver"]
 
 
-class _Outage:
-    """Cuts the proxy off once the job has committed `after_commits` shards (watched on the server directly)."""
-
-    def __init__(self, proxy: FaultProxy, direct, out: str, after_commits: int, seconds: float | None):
-        self.proxy, self.direct, self.out, self.after, self.seconds = proxy, direct, out, after_commits, seconds
-        self.started: float | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and len(_commits(self.direct, self.out)) < self.after:
-            time.sleep(0.2)
-        self.started = time.monotonic()
-        self.proxy.outage(True)
-        if self.seconds is not None:
-            time.sleep(self.seconds)
-            self.proxy.outage(False)
-
-
 @pytest.mark.slow
 def test_outage_past_the_patience_stops_the_job_and_a_rerun_waits_out_the_next(ray_local, s3_endpoint, s3_shards,
                                                                                 clean_run):
@@ -207,30 +181,32 @@ def test_outage_past_the_patience_stops_the_job_and_a_rerun_waits_out_the_next(r
     out = f"s3://{bucket}/outage.zarr"
     direct = _direct(s3_endpoint)
     with FaultProxy(s3_endpoint) as proxy:
+        # 1. the store goes away for good when the third shard is read (the first has been committed by then):
+        #    the job stops past its patience, naming the endpoint
+        proxy.outage_when(lambda method, path: method == "GET" and path.endswith("f-000002.tar"))
         config = _job(urls, out, storage_patience=PATIENCE_S, storage_options={"endpoint_url": proxy.url})
-        # 1. the store goes away for good after the first commit: the job stops, naming it, past its patience
-        outage = _Outage(proxy, direct, out, after_commits=1, seconds=None)
         with pytest.raises(StorageOutage) as info:
             run_job(config)
-        stopped_after = time.monotonic() - outage.started
+        stopped_after = time.monotonic() - proxy.outages[-1][0]
         message = str(info.value)
         assert proxy.url in message and "--storage-patience" in message and "rerun the same command" in message
         down_for = float(message.split("unavailable for ")[1].split(" s")[0])
         assert PATIENCE_S <= down_for <= stopped_after
-        committed = _commits(direct, out)
+        committed = {c["shard_id"] for c in _commits(direct, out)}
         assert 1 <= len(committed) < 4 and not direct.exists(f"{out.removeprefix('s3://')}/manifest.parquet")
         proxy.outage(False)
 
-        # 2. rerun with the default patience: it resumes, and waits out an outage of OUTAGE_S seconds mid-run
-        config = _job(urls, out, storage_options={"endpoint_url": proxy.url})
-        outage = _Outage(proxy, direct, out, after_commits=len(committed) + 1, seconds=OUTAGE_S)
-        summary = run_job(config)
-        outage.thread.join(timeout=OUTAGE_S + 5)
-        assert proxy.outages[-1][1] - proxy.outages[-1][0] >= OUTAGE_S
-    assert summary.ok == 8 and not summary.shards_failed and summary.shards_skipped == len(committed)
+        # 2. rerun with the default patience: it resumes, and waits out an outage of OUTAGE_S seconds that starts
+        #    when it reads its first shard
+        proxy.outage_when(lambda method, path: method == "GET" and "/shards/f-" in path, seconds=OUTAGE_S)
+        summary = run_job(_job(urls, out, storage_options={"endpoint_url": proxy.url}))
+        start, end = proxy.outages[-1]
+        assert end is not None and end - start >= OUTAGE_S
+    assert summary.ok == 8 and summary.processed_ok == 2 * (4 - len(committed))  # two photographs per shard
+    assert not summary.shards_failed and summary.shards_skipped == len(committed)
     run = json.loads(direct.cat_file(f"{out.removeprefix('s3://')}/run.json"))
     assert run["retries"]["storage_waits"] >= 1  # shards did find the store down ...
     assert run["retries"]["shard_retries"] == 0  # ... and lost no attempt to it
     assert all(c["attempt"] == 1 for c in _commits(direct, out))
-    assert run["counts"]["shards_skipped_resumed"] == len(committed)
+    assert run["counts"]["shards_skipped_resumed"] == len(committed) and run["counts"]["ok"] == 8
     _assert_same_output(out, clean_run[0])

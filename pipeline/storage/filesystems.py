@@ -42,9 +42,10 @@ def s3_endpoint_from_env() -> str | None:
 def resolve_options(url: str | None, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Storage options for `url`: the user's, plus an S3 endpoint from the environment when they name none.
 
-    S3 clients get the request-retry policy of `pipeline.storage.retries` (the user's own `retries` or
-    `config_kwargs` keys win). A custom (non-AWS) S3 endpoint gets checksums "when_required": newer botocore
-    defaults add checksum headers that S3-compatible servers often reject.
+    S3 clients get the request-retry policy of `pipeline.storage.retries` (the user's own `config_kwargs` keys
+    win) and no listing cache: other processes write what this one lists (workers commit shards the driver
+    then looks for), so a cached listing would be stale. A custom (non-AWS) S3 endpoint gets checksums
+    "when_required": newer botocore defaults add checksum headers that S3-compatible servers often reject.
     """
     opts = dict(options or {})
     if url and protocol_of(url) in ("s3", "s3a"):
@@ -52,6 +53,7 @@ def resolve_options(url: str | None, options: Mapping[str, Any] | None = None) -
 
         policy = s3_retry_options()
         config = {**policy, **(opts.get("config_kwargs") or {})}
+        opts.setdefault("use_listings_cache", False)
         client_kwargs = dict(opts.get("client_kwargs") or {})
         endpoint = opts.get("endpoint_url") or client_kwargs.get("endpoint_url") or s3_endpoint_from_env()
         if endpoint:
