@@ -192,3 +192,15 @@ def test_actors_added_while_running_join_after_their_readiness_probe():
     assert s.next_tickets() == []  # not before it answers
     s.actor_back(new)
     assert [t.actor for t in s.next_tickets()] == [1, 1]
+
+
+def test_a_shard_that_finds_storage_down_while_it_serves_others_loses_an_attempt():
+    s = ShardScheduler(shards(2), actors=1, max_attempts=3, max_actor_restarts=0, backoff=(1.0, 1.0))
+    bad, good = s.next_tickets(now=0.0)
+    s.storage_unavailable(bad, "e", "InternalError", now=1.0)  # could be an outage: free
+    s.succeeded(good, result(good), now=1.5)  # ... but the store answers the others
+    (bad,) = s.next_tickets(now=2.0)
+    assert bad.task.attempt == 1 and bad.task.storage_waits == 1
+    s.storage_unavailable(bad, "e", "InternalError", now=3.0)
+    (again,) = s.next_tickets(now=3.0)  # not paused: a shard failure, not an outage
+    assert again.task.attempt == 2 and s.shard_retries == 1 and s.outage_since is None

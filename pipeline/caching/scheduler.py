@@ -11,7 +11,8 @@
   request-level retry) costs no attempt: the shard goes back to the front of the queue, no work is
   handed out for an exponentially growing, jittered pause, then a single shard probes the store until
   one succeeds. Once the store has been unavailable for `storage_patience` seconds the run stops with
-  StorageOutage (committed shards stay; rerunning resumes);
+  StorageOutage (committed shards stay; rerunning resumes). A shard that finds the store unavailable again
+  after it has answered other shards loses an attempt after all: the fault may be its own objects';
 - a dead actor gets no work until Ray has restarted it and a readiness probe answers; an actor that died
   more often than Ray restarts it, or is gone for good, leaves the pool; actors added while the job runs
   (the cluster grew) join the same way, once their first readiness probe answers;
@@ -29,7 +30,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pipeline.caching.shard_processor import ShardResult, ShardTask
@@ -128,7 +129,7 @@ class ShardScheduler:
                         self.queue.clear()  # the --limit is used up: nothing more will run
                     break
                 reserved = min(room, task.shard.expected_samples or room)
-                task = ShardTask(task.shard, max_samples=room, attempt=task.attempt)
+                task = replace(task, max_samples=room)
             self.queue.popleft()
             actor = min(ready, key=lambda i: self._pool[i].load)
             ticket = Ticket(task, actor, reserved)
@@ -167,8 +168,12 @@ class ShardScheduler:
         """The shard found the store unavailable: back to the front of the queue, no attempt lost; pause all
         work (exponential backoff with jitter); raises StorageOutage once the outage outlasts the patience."""
         now = time.monotonic() if now is None else now
+        if self.outage_since is None and ticket.task.storage_waits:
+            # the store has answered other shards since this one last found it unavailable
+            self.task_failed(ticket, f"storage unavailable again for this shard while it served others: {reason}")
+            return
         self._release(ticket)
-        self.queue.appendleft(ticket.task)
+        self.queue.appendleft(replace(ticket.task, storage_waits=ticket.task.storage_waits + 1))
         self.storage_requeues += 1
         if self.outage_since is None:
             self.outage_since = now

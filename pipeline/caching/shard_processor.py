@@ -58,6 +58,7 @@ class ShardTask:
     shard: Shard
     max_samples: int | None = None  # stop after this many samples (the job's --limit)
     attempt: int = 1
+    storage_waits: int = 0  # times this attempt found storage unavailable and was put back
 
 
 @dataclass
