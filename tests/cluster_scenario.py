@@ -3,8 +3,9 @@ job runs; started in its own process by tests/test_cluster_faults.py, so no othe
 
     python -m tests.cluster_scenario --input PATTERN --output DIR --report FILE
 
-The head node has no resources (like cluster.yaml's); each worker node declares one CPU and one GPU, a
-scheduling resource only (torch sees no GPU here), so the job places one actor per worker node. Scenario:
+The head node has no resources (like cluster.yaml's); each worker node declares one CPU and one GPU (a
+scheduling resource: on a machine without a GPU torch sees none), so the job places one actor per worker
+node. Scenario:
 
 1. the job starts on one worker node (A), one actor;
 2. after A's first commit its actor is frozen (SIGSTOP: a machine about to be preempted), holding its shards,
@@ -93,7 +94,8 @@ def main(argv: list[str] | None = None) -> None:
 
     def job() -> None:
         try:
-            config = job_config([args.input], output, batch_size=1, cpus_per_actor=1, previews=0)
+            # float32: on a machine with a real GPU (which both "GPU 0"s then are) it computes what the CPU does
+            config = job_config([args.input], output, batch_size=1, cpus_per_actor=1, previews=0, dtype="float32")
             summary = run_job(config)
             outcome["summary"] = {"ok": summary.ok, "errors": summary.errors, "shards_done": summary.shards_done,
                                   "shards_failed": summary.shards_failed, "seconds": summary.seconds}

@@ -1,6 +1,7 @@
 """A fault-injecting HTTP proxy on 127.0.0.1 in front of an S3 server (test infrastructure).
 
-Each request is forwarded to the upstream server unless the proxy's seeded RNG picks a fault for it:
+Each request is forwarded to the upstream server unless the proxy's plan (a script, then a seeded RNG)
+picks a fault for it:
 
     refuse     the connection is reset as it opens, before anything is answered
     drop       the request is read, then the connection is closed without an answer (nothing forwarded)
@@ -10,11 +11,11 @@ Each request is forwarded to the upstream server unless the proxy's seeded RNG p
     slowdown   HTTP 503 with S3's SlowDown XML error
     internal   HTTP 500 with S3's InternalError XML error
 
-With `keep_alive=False` every answer closes its connection, so each request opens a new one and
-"refuse" is a per-request fault. `outage(True)` closes the listening socket and every open
-connection, so each connection attempt is refused until `outage(False)` listens again on the same port. Every decision is recorded
-(`faults`, `log`), with the request's method class (read or write) and object path, so a test can
-compare what the client reports with what was done to it.
+With `keep_alive=False` every answer closes its connection, so each request opens a new one and "refuse"
+is a per-request fault. `outage(True)` closes the listening socket and every open connection, so each
+connection attempt is refused until `outage(False)` listens again on the same port (`outage_when` starts
+one at a chosen request). Every fault is recorded (`faults`), with the request's method class (read or
+write) and target, so a test can compare what the client reports with what was done to it.
 """
 
 from __future__ import annotations
@@ -63,10 +64,6 @@ class FaultPlan:
     rates: dict[str, float] = field(default_factory=lambda: dict.fromkeys(KINDS, 0.03))
     seed: int = 0
     script: dict[str, list[str | None]] = field(default_factory=dict)
-
-    @property
-    def total(self) -> float:
-        return sum(self.rates.values())
 
 
 def _abort(sock: socket.socket) -> None:
@@ -216,7 +213,8 @@ class _Server(ThreadingHTTPServer):
         if self.proxy.in_outage:
             _abort(request)
             return False
-        if self.proxy.plan.rates.get("refuse", 0) <= 0 and not any("refuse" in k for k in self.proxy.plan.script.values()):
+        plan = self.proxy.plan
+        if plan.rates.get("refuse", 0) <= 0 and not any("refuse" in kinds for kinds in plan.script.values()):
             return True
         try:
             request.settimeout(5)

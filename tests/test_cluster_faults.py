@@ -1,6 +1,6 @@
 """Cluster faults, for real: a multi-node Ray cluster on 127.0.0.1 gains a node and loses one while the caching job
 runs (tests/cluster_scenario.py, in its own process so that no other Ray shares it). Worker nodes declare one GPU
-each, a scheduling resource only: the actors placed on them cannot see a GPU and compute on CPU."""
+each, so actors are placed one per node; without a real GPU they cannot see theirs and compute on CPU."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline.ingest.sample_photos import COLOR_PHOTOS, GRAY_PHOTOS, photo_samples
 from pipeline.ingest.shard_writer import write_shards
@@ -63,9 +64,11 @@ def test_nodes_join_and_leave_mid_job(tmp_path):
     run = cache.run
     assert run["retries"]["shard_retries"] == 1 and run["workers"]["added"] == 1
 
-    # each actor process, given a GPU torch cannot see, computed on CPU and said so exactly once
-    assert {c["worker"]["device"] for c in commits} == {"cpu"}
+    # each actor process was given a GPU: one torch cannot see (no GPU here) means CPU and exactly one warning;
+    # on a machine with a GPU both nodes' "GPU 0" is the real one, and the actors use it silently
     pids = {c["worker"]["pid"] for c in commits}
     assert len(pids) == 2
+    visible = torch.cuda.is_available()
+    assert {c["worker"]["device"] for c in commits} == ({"cuda"} if visible else {"cpu"})
     for pid in pids:
-        assert logs[pid].count(GPU_WARNING) == 1, logs[pid][-2000:]
+        assert logs[pid].count(GPU_WARNING) == (0 if visible else 1), logs[pid][-2000:]

@@ -302,4 +302,9 @@ def run_job(config: JobConfig) -> RunSummary:
         preset_info = execute(run, summary)
         return finalize(run, summary, preset_info)
     finally:
-        run.lease.release()
+        try:
+            run.lease.release()
+        except Exception as exc:  # noqa: BLE001 - e.g. the store is unreachable: never hide why the run ended
+            log.warning("could not release the lease of %s (%s: %s); another run may take it over once it is "
+                        "older than --lease-ttl (%.0f s), or at once from this host", config.output,
+                        type(exc).__name__, exc, config.lease_ttl)
