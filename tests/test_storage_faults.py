@@ -6,6 +6,7 @@ storage patience, and a rerun resumes."""
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import numpy as np
@@ -23,7 +24,9 @@ from tests.s3_fault_proxy import KINDS, FaultPlan, FaultProxy
 from tests.test_job import job_config
 
 RATE_PER_KIND = 0.03  # five kinds: 15% of requests get a fault
-OUTAGE_S = 20.0  # longer than the longest request-level retry budget (1 + 2 + 4 + 8 s of backoff): shards must wait
+# Longer than the longest request-level retry budget (1 + 2 + 4 + 8 s of backoff), so shards must wait; the
+# issue's 60 s with FEATUP_TEST_OUTAGE_S=60.
+OUTAGE_S = float(os.environ.get("FEATUP_TEST_OUTAGE_S", "20"))
 PATIENCE_S = 10.0
 
 
