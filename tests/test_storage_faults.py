@@ -187,10 +187,11 @@ def test_outage_past_the_patience_stops_the_job_and_a_rerun_waits_out_the_next(r
         # 1. the store goes away for good when the third shard is read (the first has been committed by then):
         #    the job stops past its patience, naming the endpoint
         proxy.outage_when(lambda method, path: method == "GET" and path.endswith("f-000002.tar"))
-        # (a short lease: it cannot be released while the store is down, and the rerun comes from this same
+        # (two request attempts instead of five: the patience, not the request retries, is under test here; a
+        # short lease: it cannot be released while the store is down, and the rerun comes from this same
         # process, so it takes the lease over once that has expired, not because its holder is gone)
-        config = _job(urls, out, storage_patience=PATIENCE_S, lease_ttl=5.0,
-                      storage_options={"endpoint_url": proxy.url})
+        quick = {"endpoint_url": proxy.url, "config_kwargs": {"retries": {"mode": "legacy", "total_max_attempts": 2}}}
+        config = _job(urls, out, storage_patience=PATIENCE_S, lease_ttl=5.0, storage_options=quick)
         with pytest.raises(StorageOutage) as info:
             run_job(config)
         stopped_after = time.monotonic() - proxy.outages[-1][0]
