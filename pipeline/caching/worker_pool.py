@@ -25,8 +25,9 @@ IN_FLIGHT_PER_ACTOR = 2  # shards per actor at once: one computes while the othe
 
 
 def compute_device(assigned_gpus: list) -> str | None:
-    """"cuda" for an actor given GPUs torch can use; "cpu", with one warning, for GPUs torch cannot see (no
-    driver, a CPU-only torch build, or scheduling-only GPU resources); None (torch's choice) when given none."""
+    """The device of an actor Ray gave `assigned_gpus`: cuda if torch can use them; cpu, with one warning, if it
+    cannot see them (no driver, a CPU-only torch build, scheduling-only GPU resources); None (torch's choice)
+    when it was given none."""
     import torch
 
     if not assigned_gpus:
@@ -106,7 +107,7 @@ def start_actors(config: JobConfig, shards_to_do: int) -> list:
 
 def more_actors(config: JobConfig, live: int, shards_left: int) -> list:
     """Actors for GPUs the cluster gained since the pool was sized: up to one per `--gpus-per-actor` GPUs,
-    never more actors than shards left. None when --actors fixed the pool or the pool runs on CPUs."""
+    never more actors than shards left; none when --actors fixed the pool or the pool runs on CPUs."""
     import ray
 
     if config.actors or config.gpus_per_actor <= 0:

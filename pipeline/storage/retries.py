@@ -13,8 +13,10 @@ Two layers retry a failed S3 request, and this module configures both (through `
   returns; a cut body is detected by aiohttp (fewer bytes than Content-Length), never returned as data.
   s3fs also repeats an operation whose botocore attempts all ended in a closed connection or SlowDown.
 
-Every retry is counted per process by object path (`RETRIES`), so the caching job can attribute them
-to the shard whose objects they touched. What is left after both layers is a storage outage, for
+aiohttp's own immediate, invisible re-send of a request whose kept-alive connection failed is switched
+off, so every re-sent request goes through botocore's backoff. Every retry is counted per process by
+request target (`RETRIES`: bucket/key and query), so the caching job can attribute them to the shard
+whose objects they touched. What is left after both layers is a storage outage, for
 `is_storage_unavailable` to recognise and the shard scheduler to wait out.
 """
 
