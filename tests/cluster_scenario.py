@@ -109,13 +109,15 @@ def main(argv: list[str] | None = None) -> None:
         thread = threading.Thread(target=job, daemon=True)
         thread.start()
         # Ray starts and stops nodes from the main thread only: the churn happens here, the job runs beside it
-        events["a_committed"] = _wait(lambda: node_a.node_id in _workers(output) or not thread.is_alive())
+        _wait(lambda: node_a.node_id in _workers(output) or not thread.is_alive())
         a_actor = _workers(output).get(node_a.node_id)
+        events["a_committed"], events["a_pid"] = a_actor is not None, a_actor
         if a_actor is not None:
             os.kill(a_actor, signal.SIGSTOP)
         node_b = cluster.add_node(**_worker_node_args(temp_dir))
         events["node_b"] = node_b.node_id
-        events["b_committed"] = _wait(lambda: node_b.node_id in _workers(output) or not thread.is_alive())
+        _wait(lambda: node_b.node_id in _workers(output) or not thread.is_alive())
+        events["b_committed"] = node_b.node_id in _workers(output)
         events["job_running_at_removal"] = thread.is_alive()
         if a_actor is not None:
             os.kill(a_actor, signal.SIGKILL)
