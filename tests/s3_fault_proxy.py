@@ -130,7 +130,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         length = int(self.headers.get("Content-Length") or 0)
-        kind = proxy.decide(self.command, cuttable=self.command == "GET" or (self.command != "HEAD" and length >= 2))
+        kind = proxy.decide(self.command, path,
+                            cuttable=self.command == "GET" or (self.command != "HEAD" and length >= 2))
         if kind == "drop":
             self._read_body()
             proxy.record("drop", self.command, path)
@@ -179,7 +180,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if self.command != "HEAD":
             self.wfile.write(data)
-        proxy.count_forwarded()
+        proxy.count_forwarded(self.command, path)
 
     def _forward(self, body: bytes) -> tuple[int, str, list[tuple[str, str]], bytes]:
         headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
@@ -224,7 +225,7 @@ class _Server(ThreadingHTTPServer):
             return False
         method, _, rest = first.decode("latin-1").partition(" ")
         path = request_target(rest.split(" ", 1)[0])
-        if self.proxy.decide(method, at_connect=True) == "refuse":
+        if self.proxy.decide(method, path, at_connect=True) == "refuse":
             self.proxy.record("refuse", method, path)
             _abort(request)
             return False
@@ -254,7 +255,9 @@ class FaultProxy:
         self._lock = threading.Lock()
         self._conns: set[socket.socket] = set()
         self.faults: list[FaultRecord] = []
+        self.log: list[FaultRecord] = []  # every request in arrival order; kind "ok" when it was forwarded
         self.forwarded = 0
+        self._armed_when = None  # faults start with the first request this predicate accepts
         self.in_outage = False
         self.outages: list[tuple[float, float | None]] = []  # (start, end) monotonic times
         self._trigger: tuple | None = None
@@ -287,11 +290,15 @@ class FaultProxy:
         self.close()
 
     # -- faults ----------------------------------------------------------------------------------------------
-    def decide(self, method: str, at_connect: bool = False, cuttable: bool = True) -> str | None:
-        """The fault for one request (at_connect: for the connection it opens, where only "refuse" applies),
+    def decide(self, method: str, path: str, at_connect: bool = False, cuttable: bool = True) -> str | None:
+        """The fault for one request to `path` (at_connect: for the connection it opens, where only "refuse" applies),
         from the script first, then drawn from the seeded RNG. `cuttable`: it has a body a reset can cut."""
         op = "read" if method in READ_METHODS else "write"
         with self._lock:
+            if self._armed_when is not None:
+                if not self._armed_when(method, path):
+                    return None
+                self._armed_when = None
             script = self._script.get(op)
             if script:
                 kind = script[0]
@@ -318,10 +325,16 @@ class FaultProxy:
     def record(self, kind: str, method: str, path: str) -> None:
         with self._lock:
             self.faults.append(FaultRecord(kind, method, path))
+            self.log.append(self.faults[-1])
 
-    def count_forwarded(self) -> None:
+    def count_forwarded(self, method: str, path: str) -> None:
         with self._lock:
             self.forwarded += 1
+            self.log.append(FaultRecord("ok", method, path))
+
+    def arm_when(self, predicate) -> None:
+        """No faults until a request for which `predicate(method, path)` holds (that one may get one)."""
+        self._armed_when = predicate
 
     def summary(self) -> dict:
         """Requests answered, faults by kind and by (kind, read/write), and the fault rate."""
