@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.caching.scheduler import JobFailed, ShardScheduler
+from pipeline.caching.scheduler import JobFailed, ShardScheduler, StorageOutage
 from pipeline.caching.shard_processor import ShardResult
 from pipeline.storage.shards import Shard
 
@@ -117,3 +117,90 @@ def test_a_failed_task_gives_its_budget_reservation_back():
     s.task_failed(t, "boom")
     (retry,) = s.next_tickets()
     assert retry.task.shard.shard_id == "s0" and retry.task.attempt == 2 and retry.task.max_samples == 6
+
+
+class _Rng:
+    """Jitter pinned to its largest factor, so pauses are exact."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+def test_storage_unavailable_costs_no_attempt_and_pauses_with_growing_backoff():
+    s = ShardScheduler(shards(3), actors=1, max_attempts=1, max_actor_restarts=0, storage_patience=100,
+                       backoff=(1.0, 4.0), rng=_Rng())
+    first, second = s.next_tickets(now=0.0)
+    s.storage_unavailable(first, "http://s3:9000", "EndpointConnectionError", now=10.0)
+    assert s.paused_until == 11.0 and s.outage_since == 10.0
+    s.storage_unavailable(second, "http://s3:9000", "EndpointConnectionError", now=10.5)  # same pause
+    assert s.paused_until == 11.0
+    assert [(t.shard.shard_id, t.attempt) for t in s.queue] == [("s1", 1), ("s0", 1), ("s2", 1)]  # nothing lost
+    assert s.next_tickets(now=10.9) == []  # paused
+    (probe,) = s.next_tickets(now=11.0)  # one shard probes the store, the rest wait
+    assert probe.task.shard.shard_id == "s1" and probe.task.attempt == 1
+    pauses = []
+    for now in (12.0, 20.0, 40.0):
+        s.storage_unavailable(probe, "http://s3:9000", "EndpointConnectionError", now=now)
+        pauses.append(s.paused_until - now)
+        (probe,) = s.next_tickets(now=s.paused_until)
+    assert pauses == [2.0, 4.0, 4.0]  # doubling up to the longest pause
+    assert not s.failed and s.shard_retries == 0 and s.storage_requeues == 5
+    s.succeeded(probe, result(probe), now=45.0)  # the store answers again: all work resumes
+    assert s.outage_since is None and len(s.next_tickets(now=45.0)) == 2
+
+
+def test_jitter_keeps_pauses_between_half_and_all_of_the_backoff():
+    s = ShardScheduler(shards(1), actors=1, max_attempts=3, max_actor_restarts=0, backoff=(8.0, 8.0),
+                       storage_patience=1000)
+    pauses, now = [], 0.0
+    for _ in range(20):
+        (t,) = s.next_tickets(now=now)
+        s.storage_unavailable(t, "e", "down", now=now)
+        pauses.append(s.paused_until - now)
+        now = s.paused_until
+    assert all(4.0 <= p <= 8.0 for p in pauses) and len(set(pauses)) > 10  # spread: workers do not stampede
+
+
+def test_storage_outage_past_the_patience_stops_the_run_with_the_endpoint_named():
+    s = ShardScheduler(shards(2), actors=1, max_attempts=3, max_actor_restarts=0, storage_patience=30,
+                       backoff=(1.0, 4.0))
+    for t in s.next_tickets(now=0.0):
+        s.storage_unavailable(t, "http://10.0.0.5:9000", "EndpointConnectionError: refused", now=100.0)
+    now = 100.0
+    with pytest.raises(StorageOutage, match=r"http://10\.0\.0\.5:9000 has been unavailable for 3\d s.*"
+                                            r"--storage-patience.*rerun the same command"):
+        while True:
+            now = max(now + 1.0, s.paused_until)
+            (t,) = s.next_tickets(now=now)
+            s.storage_unavailable(t, "http://10.0.0.5:9000", "EndpointConnectionError: refused", now=now)
+    assert not s.failed and s.shard_retries == 0
+
+
+def test_shard_retries_count_attempts_beyond_the_first():
+    s = ShardScheduler(shards(2), actors=1, max_attempts=3, max_actor_restarts=3)
+    a, b = s.next_tickets()
+    s.task_failed(a, "boom")
+    assert s.actor_died(b, "worker died")
+    assert s.shard_retries == 2
+
+
+def test_actors_added_while_running_join_after_their_readiness_probe():
+    s = ShardScheduler(shards(6), actors=1, max_attempts=3, max_actor_restarts=1)
+    assert len(s.next_tickets()) == 2
+    new = s.add_actor()
+    assert new == 1 and s.live_actors() == 2 and s.ready_actors() == [0]
+    assert s.next_tickets() == []  # not before it answers
+    s.actor_back(new)
+    assert [t.actor for t in s.next_tickets()] == [1, 1]
+
+
+def test_a_shard_that_finds_storage_down_while_it_serves_others_loses_an_attempt():
+    s = ShardScheduler(shards(2), actors=1, max_attempts=3, max_actor_restarts=0, backoff=(1.0, 1.0))
+    bad, good = s.next_tickets(now=0.0)
+    s.storage_unavailable(bad, "e", "InternalError", now=1.0)  # could be an outage: free
+    s.succeeded(good, result(good), now=1.5)  # ... but the store answers the others
+    (bad,) = s.next_tickets(now=2.0)
+    assert bad.task.attempt == 1 and bad.task.storage_waits == 1
+    s.storage_unavailable(bad, "e", "InternalError", now=3.0)
+    (again,) = s.next_tickets(now=3.0)  # not paused: a shard failure, not an outage
+    assert again.task.attempt == 2 and s.shard_retries == 1 and s.outage_since is None

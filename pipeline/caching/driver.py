@@ -32,10 +32,11 @@ from pipeline.caching.scheduler import (
     run_on_ray,
 )
 from pipeline.caching.shard_processor import ShardResult, build_model
-from pipeline.caching.worker_pool import fit_pca_on, start_actors, stop_actors
+from pipeline.caching.worker_pool import fit_pca_on, more_actors, start_actors, stop_actors
 from pipeline.options import ConfigError
 from pipeline.ray_runtime import init_ray
 from pipeline.storage.filesystems import check_reachable, protocol_of
+from pipeline.storage.retries import RETRIES
 from pipeline.storage.shards import Shard, resolve_shards
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ class RunSummary:
     errors: int = 0
     processed_ok: int = 0  # images computed by this run (the rest were committed by an earlier one)
     seconds: float = 0.0
+    retries: dict = field(default_factory=dict)  # request and shard retries of this run (run.json "retries")
+    workers: dict = field(default_factory=dict)  # actors started at first and added as the cluster grew
     run: dict = field(default_factory=dict)
 
     @property
@@ -160,6 +163,7 @@ class _Progress:
 def prepare(config: JobConfig) -> PreparedRun:
     """Everything that can refuse the job, before any work: settings, storage, shards, model, output identity."""
     config.validate()
+    RETRIES.take_all()  # request retries counted in this process so far belong to no part of this run
     store = OutputStore(config.output, config.storage_options)
     if protocol_of(config.output) in ("s3", "s3a"):
         check_reachable(config.output, config.storage_options)
@@ -202,7 +206,7 @@ def execute(run: PreparedRun, summary: RunSummary) -> dict:
         if pca_components(config.storage_preset) is not None and run.store.read_pca() is None:
             preset_info = fit_pca_on(actors[0], config, run.pending, run.store)
         scheduler = ShardScheduler(run.pending, len(actors), config.max_attempts, config.max_actor_restarts,
-                                   run.budget)
+                                   run.budget, storage_patience=config.storage_patience)
 
         def on_result(result: ShardResult) -> None:
             run.lease.check()
@@ -215,13 +219,34 @@ def execute(run: PreparedRun, summary: RunSummary) -> dict:
             run.lease.check()  # another run took the output over: stop
             progress.in_flight(samples)
 
-        run_on_ray(scheduler, actors, on_result, on_progress)
+        summary.workers = {"started": len(actors), "added": 0}
+
+        def grow(live: int, left: int) -> list:
+            added = more_actors(config, live, left)
+            summary.workers["added"] += len(added)
+            return added
+
+        try:
+            run_on_ray(scheduler, actors, on_result, on_progress, grow=grow)
+        finally:
+            summary.retries = {"request_retries_shards": sum(r.request_retries for r in scheduler.results),
+                               "shard_retries": scheduler.shard_retries,
+                               "storage_waits": scheduler.storage_requeues}
         summary.processed_ok = sum(r.ok for r in scheduler.results)
         summary.shards_failed = scheduler.failed
     finally:
         progress.close()
         stop_actors(actors)
     return preset_info
+
+
+def _retry_counts(of_execute: dict) -> dict:
+    """run.json "retries": storage requests re-sent (by this run's shards, including their commit writes, and by
+    the driver), shard attempts beyond the first, and shards put back unharmed while storage was unavailable."""
+    shards = of_execute.get("request_retries_shards", 0)
+    driver = RETRIES.take_all()
+    return {"request_retries": shards + driver, "request_retries_shards": shards, "request_retries_driver": driver,
+            "shard_retries": of_execute.get("shard_retries", 0), "storage_waits": of_execute.get("storage_waits", 0)}
 
 
 def finalize(run: PreparedRun, summary: RunSummary, preset_info: dict) -> RunSummary:
@@ -254,6 +279,7 @@ def finalize(run: PreparedRun, summary: RunSummary, preset_info: dict) -> RunSum
         "counts": {"shards": len(shards), "shards_committed": len(committed), "shards_skipped_resumed": len(run.done),
                    "shards_failed": len(summary.shards_failed), "samples": summary.samples_read, "ok": summary.ok,
                    "errors": summary.errors, "ok_this_run": summary.processed_ok},
+        "retries": _retry_counts(summary.retries), "workers": summary.workers,
         "shard_errors": summary.shard_errors, "failed_shards": summary.shards_failed,
         "timings": {"started": run.started, "finished": time.time(), "elapsed_s": round(summary.seconds, 3),
                     "images_per_s": round(summary.images_per_second, 3),
@@ -276,4 +302,9 @@ def run_job(config: JobConfig) -> RunSummary:
         preset_info = execute(run, summary)
         return finalize(run, summary, preset_info)
     finally:
-        run.lease.release()
+        try:
+            run.lease.release()
+        except Exception as exc:  # noqa: BLE001 - e.g. the store is unreachable: never hide why the run ended
+            log.warning("could not release the lease of %s (%s: %s); another run may take it over once it is "
+                        "older than --lease-ttl (%.0f s), or at once from this host", config.output,
+                        type(exc).__name__, exc, config.lease_ttl)

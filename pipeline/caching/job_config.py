@@ -81,6 +81,10 @@ class JobConfig:
                                                         "the pool")
     lease_ttl: float = option(300.0, group=RUN, help="seconds without a heartbeat after which another run may take "
                                                      "this output over (a crashed run on the same host at once)")
+    storage_patience: float = option(
+        300.0, group=RUN, metavar="SECONDS",
+        help="how long object storage may stay unavailable (refusing connections or answering 5xx after every "
+             "request retry) before the job stops; meanwhile shards wait, with backoff, without losing attempts")
     max_pixels: int = option(89_478_485, group=RUN, help="decompression-bomb limit: larger images are recorded as "
                                                          "errors (~89 MP)")
     min_side: int = option(16, group=RUN, help="images with a shorter side are recorded as errors")
@@ -105,6 +109,8 @@ class JobConfig:
                             "--implicit-views": self.implicit_views}.items():
             if value is not None and value < 1:
                 raise ConfigError(f"{flag} must be >= 1, got {value}")
+        if self.storage_patience <= 0:
+            raise ConfigError(f"--storage-patience must be > 0 seconds, got {self.storage_patience}")
         if self.gpus_per_actor < 0:
             raise ConfigError(f"--gpus-per-actor must be >= 0, got {self.gpus_per_actor}")
         if self.previews < 0 or self.max_actor_restarts < 0:

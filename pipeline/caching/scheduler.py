@@ -7,8 +7,15 @@
 - a task error (the shard itself failed: a read error, a bad write) costs that shard one attempt;
 - an actor death costs the first shard it takes down one attempt; the other shards it held were only
   queued behind the death and go back to the front of the queue for free;
+- storage unavailable (the object store still unreachable, or still answering 5xx, after every
+  request-level retry) costs no attempt: the shard goes back to the front of the queue, no work is
+  handed out for an exponentially growing, jittered pause, then a single shard probes the store until
+  one succeeds. Once the store has been unavailable for `storage_patience` seconds the run stops with
+  StorageOutage (committed shards stay; rerunning resumes). A shard that finds the store unavailable again
+  after it has answered other shards loses an attempt after all: the fault may be its own objects';
 - a dead actor gets no work until Ray has restarted it and a readiness probe answers; an actor that died
-  more often than Ray restarts it, or is gone for good, leaves the pool;
+  more often than Ray restarts it, or is gone for good, leaves the pool; actors added while the job runs
+  (the cluster grew) join the same way, once their first readiness probe answers;
 - the `--limit` budget reserves samples for shards in flight and stops handing out work once used up;
 - a shard out of attempts is recorded as failed; shards left with no actor to run them raise JobFailed.
 
@@ -19,10 +26,11 @@
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pipeline.caching.shard_processor import ShardResult, ShardTask
@@ -33,6 +41,13 @@ log = logging.getLogger(__name__)
 
 class JobFailed(RuntimeError):
     """Some shards could not be processed after every retry; rerunning the command resumes them."""
+
+
+class StorageOutage(JobFailed):
+    """The object store stayed unavailable for longer than the storage patience."""
+
+
+STORAGE_BACKOFF_S = (1.0, 30.0)  # first and longest pause after a shard found the store unavailable
 
 
 @dataclass(frozen=True)
@@ -62,10 +77,18 @@ class ShardScheduler:
     max_actor_restarts: int
     budget: int | None = None  # samples still allowed by --limit; None: no limit
     per_actor: int = 2
+    storage_patience: float = 300.0  # seconds the store may stay unavailable before the run stops
+    backoff: tuple[float, float] = STORAGE_BACKOFF_S
+    rng: random.Random = field(default_factory=random.Random, repr=False)
     queue: deque[ShardTask] = field(init=False)
     results: list[ShardResult] = field(init=False, default_factory=list)
     failed: list[dict] = field(init=False, default_factory=list)
     in_flight: set[Ticket] = field(init=False, default_factory=set)
+    shard_retries: int = field(init=False, default=0)  # attempts beyond a shard's first
+    storage_requeues: int = field(init=False, default=0)  # shards put back, free, because storage was down
+    outage_since: float | None = field(init=False, default=None)  # first report of the current outage
+    paused_until: float = field(init=False, default=0.0)
+    _pauses: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         self.queue = deque(ShardTask(s) for s in self.shards)
@@ -75,10 +98,25 @@ class ShardScheduler:
     def ready_actors(self) -> list[int]:
         return [i for i, a in enumerate(self._pool) if a.alive and not a.restarting]
 
-    def next_tickets(self) -> list[Ticket]:
-        """Tasks to start now, each on the least loaded ready actor with room; marks them in flight."""
+    def live_actors(self) -> int:
+        """Actors in the pool, working or restarting."""
+        return sum(a.alive for a in self._pool)
+
+    def add_actor(self) -> int:
+        """A new actor (the cluster grew); it gets work once its first readiness probe answers (`actor_back`)."""
+        self._pool.append(_Actor(restarting=True))
+        return len(self._pool) - 1
+
+    def next_tickets(self, now: float | None = None) -> list[Ticket]:
+        """Tasks to start now, each on the least loaded ready actor with room; marks them in flight.
+        Nothing while a storage pause lasts; a single probing task while the store is unavailable."""
+        now = time.monotonic() if now is None else now
+        if now < self.paused_until:
+            return []
         out = []
         while self.queue:
+            if self.outage_since is not None and self.in_flight:
+                break
             ready = [i for i in self.ready_actors() if self._pool[i].load < self.per_actor]
             if not ready:
                 break
@@ -91,7 +129,7 @@ class ShardScheduler:
                         self.queue.clear()  # the --limit is used up: nothing more will run
                     break
                 reserved = min(room, task.shard.expected_samples or room)
-                task = ShardTask(task.shard, max_samples=room, attempt=task.attempt)
+                task = replace(task, max_samples=room)
             self.queue.popleft()
             actor = min(ready, key=lambda i: self._pool[i].load)
             ticket = Ticket(task, actor, reserved)
@@ -116,11 +154,45 @@ class ShardScheduler:
         self.in_flight.discard(ticket)
         self._pool[ticket.actor].load -= 1
 
-    def succeeded(self, ticket: Ticket, result: ShardResult) -> None:
+    def succeeded(self, ticket: Ticket, result: ShardResult, now: float | None = None) -> None:
         self._release(ticket)
         if self.budget is not None:
             self.budget -= result.samples_read
         self.results.append(result)
+        if self.outage_since is not None:
+            now = time.monotonic() if now is None else now
+            log.info("storage answers again after %.0f s; resuming all work", now - self.outage_since)
+            self.outage_since, self.paused_until, self._pauses = None, 0.0, 0
+
+    def storage_unavailable(self, ticket: Ticket, endpoint: str, reason: str, now: float | None = None) -> None:
+        """The shard found the store unavailable: back to the front of the queue, no attempt lost; pause all
+        work (exponential backoff with jitter); raises StorageOutage once the outage outlasts the patience."""
+        now = time.monotonic() if now is None else now
+        if self.outage_since is None and ticket.task.storage_waits:
+            # the store has answered other shards since this one last found it unavailable
+            self.task_failed(ticket, f"storage unavailable again for this shard while it served others: {reason}")
+            return
+        self._release(ticket)
+        self.queue.appendleft(replace(ticket.task, storage_waits=ticket.task.storage_waits + 1))
+        self.storage_requeues += 1
+        if self.outage_since is None:
+            self.outage_since = now
+        down = now - self.outage_since
+        if down >= self.storage_patience:
+            raise StorageOutage(
+                f"object storage at {endpoint} has been unavailable for {down:.0f} s, longer than the storage "
+                f"patience of {self.storage_patience:.0f} s (--storage-patience); last error: {reason}. "
+                f"{len(self.queue) + len(self.in_flight)} shard(s) not done; committed shards are kept: rerun the "
+                "same command to resume once the store answers")
+        if now < self.paused_until:
+            return  # another shard of the same pause: already waiting
+        first, longest = self.backoff
+        delay = min(longest, first * 2 ** self._pauses) * self.rng.uniform(0.5, 1.0)
+        self._pauses += 1
+        self.paused_until = now + delay
+        log.warning("storage at %s unavailable (%s); shard %s requeued without losing an attempt; pausing %.1f s "
+                    "(unavailable for %.0f s, patience %.0f s)", endpoint, reason, ticket.task.shard.url, delay,
+                    down, self.storage_patience)
 
     def task_failed(self, ticket: Ticket, reason: str) -> None:
         """The shard's own failure: it loses one attempt."""
@@ -145,8 +217,9 @@ class ShardScheduler:
         return True
 
     def actor_back(self, actor: int) -> None:
+        """The actor answered its readiness probe (after a restart, or as a new member of the pool)."""
         self._pool[actor].restarting = False
-        log.info("actor %d is back after a restart", actor)
+        log.info("actor %d is ready%s", actor, " again" if self._pool[actor].deaths else "")
 
     def actor_gone(self, actor: int, reason: str) -> None:
         self._pool[actor].alive = False
@@ -160,6 +233,7 @@ class ShardScheduler:
         else:
             log.warning("shard %s failed (attempt %d/%d), retrying: %s", task.shard.url, task.attempt,
                         self.max_attempts, reason)
+            self.shard_retries += 1
             self.queue.appendleft(ShardTask(task.shard, attempt=task.attempt + 1))
 
 
@@ -183,17 +257,25 @@ class _Outstanding:
 
 PROBE_RETRY_S = 0.5
 REPORT_EVERY_S = 2.0
+GROW_EVERY_S = 5.0
 
 
 def run_on_ray(scheduler: ShardScheduler, actors: list, on_result: Callable[[ShardResult], None],
-               on_progress: Callable[[int], None]) -> None:
-    """Drives `scheduler` on Ray actors (each with `process`, `status` in concurrency groups compute/status)."""
+               on_progress: Callable[[int], None], grow: Callable[[int, int], list] | None = None) -> None:
+    """Drives `scheduler` on Ray actors (each with `process`, `status` in concurrency groups compute/status).
+
+    `grow(live_actors, shards_left)`, asked every GROW_EVERY_S, returns new actors for the pool (the cluster
+    grew); they are appended to `actors` and join once they answer a readiness probe.
+    """
     import ray
     from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+
+    from pipeline.storage.retries import StorageUnavailableError
 
     out = _Outstanding()
     reported: dict[int, int] = {}
     last_report = 0.0
+    last_grow = time.monotonic()
 
     def submit() -> None:
         for ticket in scheduler.next_tickets():
@@ -206,6 +288,11 @@ def run_on_ray(scheduler: ShardScheduler, actors: list, on_result: Callable[[Sha
     submit()
     while not scheduler.finished:
         now = time.monotonic()
+        if grow is not None and now - last_grow >= GROW_EVERY_S and scheduler.queue:
+            last_grow = now
+            for handle in grow(scheduler.live_actors(), len(scheduler.queue) + len(scheduler.in_flight)):
+                actors.append(handle)
+                probe(scheduler.add_actor())
         for actor, due in list(out.probe_due.items()):
             if due <= now:
                 del out.probe_due[actor]
@@ -215,9 +302,11 @@ def run_on_ray(scheduler: ShardScheduler, actors: list, on_result: Callable[[Sha
             for actor in scheduler.ready_actors():
                 out.reports[actors[actor].status.options(concurrency_group="status").remote()] = actor
         waits = [REPORT_EVERY_S] + [max(0.0, due - now) for due in out.probe_due.values()]
+        if scheduler.paused_until > now:
+            waits.append(scheduler.paused_until - now)
         if out.all():
             ready, _ = ray.wait(out.all(), num_returns=1, timeout=min(waits))
-        else:  # nothing outstanding: only a restarted actor's next readiness probe is due
+        else:  # nothing outstanding: a readiness probe or the end of a storage pause is due
             time.sleep(min(waits))
             ready = []
         for ref in ready:
@@ -249,7 +338,10 @@ def run_on_ray(scheduler: ShardScheduler, actors: list, on_result: Callable[[Sha
                     continue
                 except RayTaskError as exc:
                     cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-                    scheduler.task_failed(ticket, first_line(cause))
+                    if isinstance(cause, StorageUnavailableError):
+                        scheduler.storage_unavailable(ticket, cause.endpoint, cause.detail)
+                    else:
+                        scheduler.task_failed(ticket, first_line(cause))
                     continue
                 scheduler.succeeded(ticket, result)
                 on_result(result)

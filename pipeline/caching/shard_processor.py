@@ -12,9 +12,10 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ from pipeline.caching.output_store import (
     OutputStore,
 )
 from pipeline.caching.presets import ArraySpec, Preset, fit_pca, pca_components
-from pipeline.storage.filesystems import protocol_of, resolve_options
+from pipeline.storage.filesystems import endpoint_name, protocol_of, resolve_options
 from pipeline.storage.images import (
     Geometry,
     SampleError,
@@ -38,6 +39,7 @@ from pipeline.storage.images import (
     images_to_tensor,
     load_sample_image,
 )
+from pipeline.storage.retries import RETRIES, StorageUnavailableError, endpoint_of, is_storage_unavailable
 from pipeline.storage.shards import Shard, TruncatedShardError, iter_samples
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,7 @@ class ShardTask:
     shard: Shard
     max_samples: int | None = None  # stop after this many samples (the job's --limit)
     attempt: int = 1
+    storage_waits: int = 0  # times this attempt found storage unavailable and was put back
 
 
 @dataclass
@@ -70,6 +73,7 @@ class ShardResult:
     seconds: float = 0.0
     compute_seconds: float = 0.0
     bytes_written: int = 0
+    request_retries: int = 0  # storage requests re-sent for this shard's objects (its commit write included)
     commit: dict = field(default_factory=dict)
 
 
@@ -227,13 +231,23 @@ def build_model(config: JobConfig):
         backbone_options=config.backbone_options)
 
 
-class ShardProcessor:
-    """Loads the model once; `process(task)` turns one shard into a committed set of arrays and rows."""
+def _object_path(url: str) -> str:
+    """bucket/key of an object-storage URL (how its requests name it); "" for local paths."""
+    return url.split("://", 1)[1] if protocol_of(url) != "file" else ""
 
-    def __init__(self, config: JobConfig, device: str | None = None, torch_threads: int | None = None):
+
+class ShardProcessor:
+    """Loads the model once; `process(task)` turns one shard into a committed set of arrays and rows.
+
+    `worker` (e.g. the Ray node and process) is recorded in each commit record: where the shard was computed.
+    """
+
+    def __init__(self, config: JobConfig, device: str | None = None, torch_threads: int | None = None,
+                 worker: Mapping[str, Any] | None = None):
         if torch_threads:
             torch.set_num_threads(max(1, int(torch_threads)))
         self.config = config
+        self.worker = dict(worker or {})
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.compute_dtype = COMPUTE_DTYPE[config.dtype] if self.device.type == "cuda" else torch.float32
         self.model = build_model(config).to(self.device).eval()
@@ -349,9 +363,18 @@ class ShardProcessor:
 
     def process(self, task: ShardTask, should_stop: Callable[[], bool] | None = None) -> ShardResult:
         """Streams, computes and writes one shard, then commits it. `should_stop` is polled per sample:
-        when it says so the attempt is abandoned uncommitted (its arrays are garbage-collected later)."""
+        when it says so the attempt is abandoned uncommitted (its arrays are garbage-collected later).
+
+        Raises StorageUnavailableError when storage stayed unreachable (or kept answering 5xx) through every
+        request-level retry: an outage to wait out, not a defect of the shard."""
         try:
             return self._process(task, should_stop)
+        except Exception as exc:
+            if is_storage_unavailable(exc):
+                default = endpoint_name(self.config.output, self.config.storage_options)
+                detail = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                raise StorageUnavailableError(endpoint_of(exc, default), detail) from exc
+            raise
         finally:
             self._progress.pop(task.shard.shard_id, None)
 
@@ -410,6 +433,7 @@ class ShardProcessor:
         except BaseException:
             stream.close()
             writer.abort()
+            RETRIES.take([name, _object_path(shard.url)])  # a failed attempt's retries are not reported
             raise
         stream.close()
 
@@ -426,6 +450,7 @@ class ShardProcessor:
         result.ok = len(keys)
         result.errors = len(rows) - len(keys)
         part = self.store.write_part(name, manifest.to_table(rows))
+        result.request_retries = RETRIES.take([name, _object_path(shard.url)])
         result.seconds = time.perf_counter() - t0
         result.commit = {
             "shard_id": shard.shard_id, "url": shard.url, "attempt": task.attempt, "complete": result.complete,
@@ -435,6 +460,10 @@ class ShardProcessor:
             "expected_samples": shard.expected_samples, "shard_error": result.shard_error,
             "seconds": round(result.seconds, 3), "compute_seconds": round(result.compute_seconds, 3),
             "bytes_uncompressed": result.bytes_written, "started_at": started_at, "committed_at": time.time(),
+            "request_retries": result.request_retries, "worker": {**self.worker, "device": str(self.device)},
         }
-        self.store.commit(shard.shard_id, result.commit)
+        try:
+            self.store.commit(shard.shard_id, result.commit)
+        finally:
+            result.request_retries += RETRIES.take([f"commits/{shard.shard_id}.json"])
         return result

@@ -2,7 +2,9 @@
 
 Each actor loads the model once (Ray's batch-inference pattern) and works on up to `IN_FLIGHT_PER_ACTOR`
 shards at once in its `compute` concurrency group; a one-slot `status` group answers readiness probes and
-progress reports even while both compute slots are busy.
+progress reports even while both compute slots are busy. An actor Ray gave a GPU that torch cannot see
+computes on CPU and says so once. When the job sized the pool itself (no --actors) and the cluster gains
+GPUs while it runs, `more_actors` starts actors for them.
 """
 
 from __future__ import annotations
@@ -24,11 +26,32 @@ log = logging.getLogger(__name__)
 IN_FLIGHT_PER_ACTOR = 2  # shards per actor at once: one computes while the other streams in or drains
 
 
+def compute_device(assigned_gpus: list) -> str | None:
+    """The device of an actor Ray gave `assigned_gpus`: cuda if torch can use them; cpu, with one warning, if it
+    cannot see them (no driver, a CPU-only torch build, scheduling-only GPU resources); None (torch's choice)
+    when it was given none."""
+    import torch
+
+    if not assigned_gpus:
+        return None
+    if torch.cuda.is_available():
+        return "cuda"
+    log.warning("this worker was given GPU %s by Ray, but torch sees no CUDA device (CUDA_VISIBLE_DEVICES=%r, torch "
+                "%s, built for CUDA %s): computing on CPU", ",".join(map(str, assigned_gpus)),
+                os.environ.get("CUDA_VISIBLE_DEVICES"), torch.__version__, torch.version.cuda)
+    return "cpu"
+
+
 class ShardWorker:
     """Ray actor: one ShardProcessor (model loaded once), called once per shard."""
 
     def __init__(self, config: JobConfig, torch_threads: int | None):
-        self.processor = ShardProcessor(config, torch_threads=torch_threads)
+        import ray
+
+        context = ray.get_runtime_context()
+        worker = {"node": context.get_node_id(), "host": socket.gethostname(), "pid": os.getpid()}
+        self.processor = ShardProcessor(config, device=compute_device(ray.get_gpu_ids()), torch_threads=torch_threads,
+                                        worker=worker)
         self._parent = os.getppid()  # the node's raylet
 
     def _orphaned(self) -> bool:
@@ -69,21 +92,41 @@ def actor_layout(config: JobConfig) -> tuple[int, float, float]:
     return n, 0.0, cpus_each
 
 
-def start_actors(config: JobConfig, shards_to_do: int) -> list:
-    """The pool: each actor pinned to its GPU(s) (or CPUs), torch threads sized to its CPUs.
-
-    Actors get the public storage variables in their runtime environment and credentials only inside their
-    config's storage options, masked and by object reference (`credentials.for_workers`).
-    """
+def _new_actors(config: JobConfig, count: int, gpus: float, cpus: float) -> list:
+    """`count` actors with these resources. They get the public storage variables in their runtime environment
+    and credentials only inside their config's storage options, masked and by object reference
+    (`credentials.for_workers`)."""
     import ray
 
-    n_actors, gpus, cpus = actor_layout(config)
-    n_actors = min(n_actors, max(1, shards_to_do))
     remote_cls = ray.remote(concurrency_groups={"compute": IN_FLIGHT_PER_ACTOR, "status": 1})(ShardWorker)
     actor_opts = dict(num_gpus=gpus, num_cpus=cpus, max_restarts=config.max_actor_restarts, max_task_retries=0,
                       runtime_env=worker_runtime_env())
     shipped = replace(config, storage_options=for_workers(config.storage_options))
-    return [remote_cls.options(**actor_opts).remote(shipped, int(cpus)) for _ in range(n_actors)]
+    return [remote_cls.options(**actor_opts).remote(shipped, int(cpus)) for _ in range(count)]
+
+
+def start_actors(config: JobConfig, shards_to_do: int) -> list:
+    """The pool: each actor pinned to its GPU(s) (or CPUs), torch threads sized to its CPUs."""
+    n_actors, gpus, cpus = actor_layout(config)
+    return _new_actors(config, min(n_actors, max(1, shards_to_do)), gpus, cpus)
+
+
+def more_actors(config: JobConfig, live: int, shards_left: int) -> list:
+    """Actors for GPUs the cluster gained since the pool was sized: up to one per `--gpus-per-actor` GPUs,
+    never more actors than shards left; none when --actors fixed the pool or the pool runs on CPUs."""
+    import ray
+
+    if config.actors or config.gpus_per_actor <= 0:
+        return []
+    gpus = ray.cluster_resources().get("GPU", 0.0)
+    if gpus <= 0:
+        return []
+    extra = min(int(gpus // config.gpus_per_actor), shards_left) - live
+    if extra <= 0:
+        return []
+    _, gpus_each, cpus_each = actor_layout(config)
+    log.info("the cluster has %.0f GPU(s) for %d actor(s): starting %d more", gpus, live, extra)
+    return _new_actors(config, extra, gpus_each, cpus_each)
 
 
 def stop_actors(actors: list) -> None:

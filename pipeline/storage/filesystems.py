@@ -39,21 +39,34 @@ def resolve_options(url: str | None, options: Mapping[str, Any] | None = None) -
     """Storage options for `url`, as fsspec takes them: the user's with credentials revealed, plus an S3
     endpoint from the environment when they name none.
 
-    A custom (non-AWS) S3 endpoint gets checksums "when_required": newer botocore defaults add checksum
-    headers that S3-compatible servers often reject.
+    S3 clients get the request-retry policy of `pipeline.storage.retries` (the user's own `config_kwargs` keys
+    win) and no listing cache: other processes write what this one lists (workers commit shards the driver
+    then looks for), so a cached listing would be stale. A custom (non-AWS) S3 endpoint gets checksums
+    "when_required": newer botocore defaults add checksum headers that S3-compatible servers often reject.
     """
     opts = reveal(options)
     if url and protocol_of(url) in ("s3", "s3a"):
+        from pipeline.storage.retries import s3_retry_options
+
+        policy = s3_retry_options()
+        config = {**policy, **(opts.get("config_kwargs") or {})}
+        opts.setdefault("use_listings_cache", False)
         client_kwargs = dict(opts.get("client_kwargs") or {})
         endpoint = opts.get("endpoint_url") or client_kwargs.get("endpoint_url") or s3_endpoint_from_env()
         if endpoint:
             opts.setdefault("endpoint_url", endpoint)
             if "amazonaws.com" not in endpoint:
-                config = dict(opts.get("config_kwargs") or {})
                 config.setdefault("request_checksum_calculation", "when_required")
                 config.setdefault("response_checksum_validation", "when_required")
-                opts["config_kwargs"] = config
+        opts["config_kwargs"] = config
     return opts
+
+
+def endpoint_name(url: str, options: Mapping[str, Any] | None = None) -> str:
+    """Where `url`'s storage lives, for messages: the S3 endpoint (or "AWS S3"), else the protocol."""
+    if protocol_of(url) in ("s3", "s3a"):
+        return resolve_options(url, options).get("endpoint_url") or "AWS S3"
+    return f"{protocol_of(url)}://"
 
 
 def filesystem(url: str, options: Mapping[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:

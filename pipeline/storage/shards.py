@@ -137,9 +137,11 @@ def resolve_shards(patterns: Sequence[str], options: Mapping[str, Any] | None = 
     missing = []
     for url in urls:
         fs, path = filesystem(url, options)
-        try:
-            if not fs.isfile(path):
+        try:  # not fs.isfile: it answers False for a store it cannot reach
+            if fs.info(path).get("type") != "file":
                 missing.append(url)
+        except FileNotFoundError:
+            missing.append(url)
         except Exception as exc:  # noqa: BLE001
             raise StorageError(f"{url}: cannot check the shard ({type(exc).__name__}: {exc})") from None
     if missing:
