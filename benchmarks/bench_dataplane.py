@@ -160,6 +160,68 @@ def child(args: argparse.Namespace) -> dict:
     }
 
 
+def image_codecs(size: int) -> dict:
+    """Part B: the lowres preset's guidance image under candidate codecs, on the shipped photographs: bytes,
+    encode/decode CPU time, and the cosine of the shipped oracle JBU re-run on float16 low-res features with
+    the decoded image, to the eager float32 features (per-pixel cosine: mean, worst image's mean, 0.1% pixel)."""
+    import io
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from featup_ops import FeatureModel, shipped_oracle_jbu
+    from pipeline.caching.presets import IMAGE_CODEC
+    from pipeline.ingest.sample_photos import COLOR_PHOTOS, GRAY_PHOTOS, photo
+    from pipeline.storage.images import resize_and_crop
+
+    model = FeatureModel.create("oracle", "jbu", upsampler_weights=shipped_oracle_jbu()).eval()
+    images = []
+    for name in COLOR_PHOTOS + GRAY_PHOTOS:
+        arr = photo(name)
+        images.append(resize_and_crop(np.stack([arr] * 3, -1) if arr.ndim == 2 else arr, size)[0])
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        lowres, eager = model(x)
+    lowres = lowres.half().float()  # what the preset stores
+    shipped = {k.lower(): v for k, v in IMAGE_CODEC.items()}
+    candidates = {"raw (before)": None, "png": {"format": "PNG"},
+                  "webp lossless": {"format": "WEBP", "lossless": True, "quality": 0, "method": 0},
+                  "jpeg q90 4:4:4": {"format": "JPEG", "quality": 90, "subsampling": 0},
+                  "jpeg q95 4:2:0": {"format": "JPEG", "quality": 95},
+                  f"jpeg q{shipped['quality']} 4:4:4 (shipped)": shipped,
+                  "jpeg q98 4:4:4": {"format": "JPEG", "quality": 98, "subsampling": 0},
+                  "webp q95": {"format": "WEBP", "quality": 95, "method": 0}}
+    out = {}
+    for name, kw in candidates.items():
+        t = time.process_time()
+        blobs = [img.tobytes() if kw is None else _save(img, kw) for img in images]
+        enc = (time.process_time() - t) / len(images)
+        t = time.process_time()
+        decoded = images if kw is None else [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in blobs]
+        dec = (time.process_time() - t) / len(images)
+        xd = torch.from_numpy(np.stack(decoded)).permute(0, 3, 1, 2).float() / 255
+        with torch.no_grad():
+            replay = model.upsampler(lowres, model.guidance(xd))
+        cos = torch.nn.functional.cosine_similarity(replay, eager, dim=1)
+        out[name] = {"bytes_per_image": float(np.mean([len(b) for b in blobs])), "encode_ms": 1e3 * enc,
+                     "decode_ms": 1e3 * dec, "cosine_mean": float(cos.mean()),
+                     "cosine_worst_image": float(cos.mean((1, 2)).min()),
+                     "cosine_pixel_p0.1": float(cos.flatten().quantile(0.001))}
+        print(f"image codec {name}: " + json.dumps({k: round(v, 5) for k, v in out[name].items()}), flush=True)
+    return out
+
+
+def _save(img, kw: dict) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, **kw)
+    return buf.getvalue()
+
+
 def _moto(port: int) -> subprocess.Popen:
     """A moto S3 server in its own process (its CPU is not the data plane's)."""
     exe = Path(sys.executable).with_name("moto_server")
@@ -248,11 +310,19 @@ def main() -> None:
             for row in rows.values():
                 if f16 and row.get("bytes_per_image"):
                     row["float16_bytes_over_this"] = f16 / row["bytes_per_image"]
+    codecs = image_codecs(args.image_size)
+    lowres_ratio = {d: rows["lowres"]["float16_bytes_over_this"] for dims in runs.values() for d, rows in dims.items()
+                    if "float16_bytes_over_this" in rows.get("lowres", {})}
     result = {"config": {k: v for k, v in vars(args).items() if k not in ("child", "inputs", "output", "dim", "preset")},
               "setup": "oracle backbone + bilinear upsampler (trivial model), one ShardProcessor per run without Ray, "
                        "torch on 1 thread, COCO-like JPEGs (640 px longer side, quality 90), labels none, low-res "
                        "features stored (the job's default)",
-              "runs": runs, "seconds": time.perf_counter() - t_start}
+              "runs": runs, "lowres_image_codecs": codecs,
+              "summary": {"lowres_float16_bytes_over_lowres_by_dim": lowres_ratio,
+                          "dataplane_ms_per_image": {f"{t}/{d}/{pr}": round(row["dataplane_ms_per_image"], 2)
+                                                     for t, dims in runs.items() for d, rs in dims.items()
+                                                     for pr, row in rs.items() if "dataplane_ms_per_image" in row}},
+              "seconds": time.perf_counter() - t_start}
     path = harness.write_results("dataplane", result)
     rows = [{"target": t, "dim": d, "preset": pr, **{k: (f"{v:.1f}" if isinstance(v, float) else v)
                                                     for k, v in row.items() if k in (
