@@ -34,7 +34,7 @@ PCA_PATTERN = re.compile(r"^pca(\d+)$")
 # the eager ones, at a sixth of the raw image's bytes; PNG or lossless WebP would be exact but 2-3x larger.
 IMAGE_CODEC = {"format": "JPEG", "quality": 95, "subsampling": 0}
 IMAGE_VLEN = "bytes"  # ArraySpec dtype of one encoded file per sample (zarr's variable-length bytes)
-QUANTIZE_CHUNK = 1 << 22  # int8: elements quantised per step, so the float temporaries stay small and reused
+QUANTIZE_CHUNK = 1 << 18  # int8: elements quantised per step, so the float temporaries stay small and reused
 
 
 class PresetError(ValueError):
@@ -151,13 +151,12 @@ def quantize_uint8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     """(B,C,H,W) float -> (codes uint8, scale (B,C), offset (B,C)) with x ~ codes * scale + offset.
 
     codes = round((x - min) / scale), scale = (max - min) / 255 per sample and channel, as float32. Done a few
-    channels at a time through one reused float32 buffer: one pass for min/max, one for the codes, instead of
-    a full-size temporary per step.
+    channels at a time through one reused float32 buffer that stays in cache, instead of a full-size
+    temporary per step (each a fresh allocation the kernel zero-fills).
     """
     B, C, H, W = x.shape
     flat = x.reshape(B * C, H * W)
-    lo, hi = flat.aminmax(dim=1)
-    lo, hi = lo.float(), hi.float()
+    lo, hi = flat.amin(dim=1).float(), flat.amax(dim=1).float()  # (aminmax is ~5x slower than both on CPU)
     scale = ((hi - lo) / 255).clamp_min(1e-12)
     codes = torch.empty(flat.shape, dtype=torch.uint8, device=x.device)
     rows = max(1, QUANTIZE_CHUNK // max(H * W, 1))
