@@ -196,15 +196,16 @@ class OutputStore:
         """A (capacity, *sample_shape) array owned by the caller alone.
 
         Each sample is one storage object (a Zarr shard, so one GET reads it whole); (C, H, W) maps are split
-        inside it into spatial tiles, so a crop fetches only the tiles it covers.
+        inside it into spatial tiles, so a crop fetches only the tiles it covers; maps of one tile and vectors
+        are a plain chunk per sample.
         """
         store = zarr_store(self.url_of(group, name), self.storage_options)
         shape = (capacity, *spec.sample_shape)
         per_sample = (1, *spec.sample_shape)
-        if spec.spatial and len(spec.sample_shape) >= 2:
-            h, w = spec.sample_shape[-2:]
+        h, w = spec.sample_shape[-2:] if spec.spatial and len(spec.sample_shape) >= 2 else (0, 0)
+        if (tile_size(h), tile_size(w)) != (h, w):
             chunks, shards = (1, *spec.sample_shape[:-2], tile_size(h), tile_size(w)), per_sample
-        else:
+        else:  # one tile: a plain chunk (zarr reads back an existing shard before writing one: a GET per sample)
             chunks, shards = per_sample, None
         with _quiet_vlen():
             # write_empty_chunks: every tile is written, so zarr does not compare each one with the fill value
