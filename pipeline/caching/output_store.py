@@ -16,7 +16,6 @@ never race; a shard's outputs only count once its commit record exists.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import logging
@@ -39,6 +38,10 @@ if TYPE_CHECKING:
     from pipeline.caching.presets import ArraySpec
 
 log = logging.getLogger(__name__)
+# zarr-python warns, whenever it writes such an array's metadata, that its variable-length bytes type has no
+# Zarr v3 specification yet. This project pins zarr and stores one encoded image per sample with it (the
+# lowres preset), so the warning says nothing a user could act on.
+warnings.filterwarnings("ignore", message=r"The data type \(VariableLengthBytes\(\)\)", category=FutureWarning)
 
 FORMAT_VERSION = 1
 PIPELINE_DIR = "_pipeline"
@@ -64,15 +67,6 @@ def compressor() -> BloscCodec:
     1 MiB (a whole tile, where blosc would pick ~32 KiB at level 1) compress 1.4-1.6x faster, decompress
     1.5x faster and a few percent smaller (benchmarks/bench_dataplane.py)."""
     return BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", blocksize=1 << 20)
-
-
-@contextlib.contextmanager
-def _quiet_vlen():
-    """zarr-python warns that its variable-length bytes type has no Zarr v3 specification yet; this project
-    pins zarr and uses it for one encoded image per sample, so the warning says nothing to act on."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*VariableLengthBytes.*")
-        yield
 
 
 def tile_size(length: int) -> int:
@@ -207,18 +201,15 @@ class OutputStore:
             chunks, shards = (1, *spec.sample_shape[:-2], tile_size(h), tile_size(w)), per_sample
         else:  # one tile: a plain chunk (zarr reads back an existing shard before writing one: a GET per sample)
             chunks, shards = per_sample, None
-        with _quiet_vlen():
-            # write_empty_chunks: every tile is written, so zarr does not compare each one with the fill value
-            return zarr.create_array(store, shape=shape, chunks=chunks, shards=shards, dtype=spec.dtype,
-                                     compressors=None if spec.holds_files else [compressor()],
-                                     fill_value=b"" if spec.holds_files else fill_value,
-                                     attributes={"featup": {**dict(attributes), **dict(spec.attributes)}},
-                                     overwrite=True,
-                                     config={"write_empty_chunks": True})
+        # write_empty_chunks: every tile is written, so zarr does not compare each one with the fill value
+        return zarr.create_array(store, shape=shape, chunks=chunks, shards=shards, dtype=spec.dtype,
+                                 compressors=None if spec.holds_files else [compressor()],
+                                 fill_value=b"" if spec.holds_files else fill_value,
+                                 attributes={"featup": {**dict(attributes), **dict(spec.attributes)}},
+                                 overwrite=True, config={"write_empty_chunks": True})
 
     def open_array(self, array_path: str) -> zarr.Array:
-        with _quiet_vlen():
-            return zarr.open_array(zarr_store(self.url_of(array_path), self.storage_options, read_only=True), mode="r")
+        return zarr.open_array(zarr_store(self.url_of(array_path), self.storage_options, read_only=True), mode="r")
 
     def write_part(self, name: str, table: pa.Table) -> str:
         rel = f"{PIPELINE_DIR}/parts/{name}.parquet"
