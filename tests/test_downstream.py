@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import zarr
 from PIL import Image
 
+from featup_ops import FeatureModel
 from pipeline.caching.driver import run_job
 from pipeline.caching.job_config import ConfigError
 from pipeline.ingest.coco import annotation_mask, rasterize
 from pipeline.ingest.sample_photos import photo_samples
 from pipeline.ingest.shard_writer import write_shards
 from pipeline.reading.feature_cache import FeatureCache, LabelledFeatures, split_keys
+from pipeline.storage.images import load_sample_image
+from pipeline.storage.shards import iter_samples
 from tests.test_job import job_config
 
 
@@ -230,6 +235,74 @@ def _stack(cache: FeatureCache) -> np.ndarray:
     return np.stack([np.asarray(cache[k], np.float32) for k in sorted(cache.keys())])
 
 
+def _source_images(cache: FeatureCache, keys: list[str]) -> dict[str, np.ndarray]:
+    """The cropped input images (S, S, 3) of `keys`, re-read from their shards (not from the cache)."""
+    out = {}
+    for source in {cache.row(k)["source"] for k in keys}:
+        for sample in iter_samples(source):
+            if sample["__key__"] in keys:
+                out[sample["__key__"]] = load_sample_image(sample, cache.image_size)[0]
+    return out
+
+
+def _replay_on_jpeg(cache: FeatureCache, keys: list[str]) -> np.ndarray:
+    """The test's own replay: the job's upsampler on the stored low-res features and the source image put
+    through a JPEG round trip (quality 95, 4:4:4) with Pillow."""
+    model = FeatureModel.create("oracle", "jbu", random_init=True)
+    images = _source_images(cache, keys)
+    out = []
+    for key in keys:
+        buf = io.BytesIO()
+        Image.fromarray(images[key]).save(buf, format="JPEG", quality=95, subsampling=0)
+        jpeg = np.asarray(Image.open(buf).convert("RGB"), np.float32) / 255
+        guidance = model.guidance(torch.from_numpy(jpeg).permute(2, 0, 1)[None])
+        lowres = torch.from_numpy(np.asarray(cache.lowres(key), np.float32))[None]
+        with torch.no_grad():
+            out.append(model.upsampler(lowres, guidance)[0].numpy())
+    return np.stack(out)
+
+
+def test_lowres_caches_with_raw_images_still_read(preset_caches, tmp_path):
+    """Caches written before the image was stored as JPEG hold it raw, uint8 (N, 3, S, S): the reader replays
+    those exactly (to float16 precision) against the eager features."""
+    old = tmp_path / "old.zarr"
+    shutil.copytree(preset_caches["lowres"].url, old)
+    for array in sorted((old / "image").iterdir()):
+        if not array.is_dir():
+            continue
+        keys = zarr.open_array(str(array), mode="r").attrs["featup"]["keys"]
+        shutil.rmtree(array)
+        images = _source_images(preset_caches["lowres"], keys)
+        raw = np.stack([images[k].transpose(2, 0, 1) for k in keys])
+        zarr.create_array(str(array), data=raw, chunks=(1, *raw.shape[1:]))  # the old layout
+    cache = FeatureCache(str(old))
+    keys = sorted(cache.keys())
+    got = np.stack([cache[k] for k in keys])
+    ref = _stack(preset_caches["float32"])
+    scale = np.abs(ref).max(axis=(1, 2, 3), keepdims=True)
+    assert (np.abs(got - ref) <= 2.0**-10 * scale).all()
+    np.testing.assert_array_equal(cache.image(keys[0]), _source_images(cache, keys[:1])[keys[0]].transpose(2, 0, 1))
+
+
+def test_int8_quantisation_matches_the_plain_formula(monkeypatch):
+    """The chunked quantiser gives the codes of round((x - min) / scale) computed in one go, for float32 and
+    float16 inputs and chunks that split a sample's channels."""
+    from pipeline.caching import presets
+
+    monkeypatch.setattr(presets, "QUANTIZE_CHUNK", 3 * 20 * 24)  # 3 channels per step: 7 steps for 2 x 10
+    x = torch.randn(2, 10, 20, 24, generator=torch.Generator().manual_seed(0)) * 3
+    x[1, 4] = 0.5  # a constant channel
+    for inp in (x, x.half()):
+        xf = inp.float()
+        lo, hi = xf.amin(dim=(2, 3)), xf.amax(dim=(2, 3))
+        scale = ((hi - lo) / 255).clamp_min(1e-12)
+        want = ((xf - lo[..., None, None]) / scale[..., None, None]).round().clamp(0, 255).to(torch.uint8)
+        codes, got_scale, got_lo = presets.quantize_uint8(inp)
+        torch.testing.assert_close(codes, want, rtol=0, atol=0)
+        torch.testing.assert_close(got_scale, scale, rtol=0, atol=0)
+        torch.testing.assert_close(got_lo, lo, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("preset", ["float16", "bfloat16", "int8", "pca6", "lowres"])
 def test_presets_round_trip_within_their_bound(preset_caches, preset):
     ref = _stack(preset_caches["float32"])
@@ -241,9 +314,14 @@ def test_presets_round_trip_within_their_bound(preset_caches, preset):
         assert (err <= 2.0**-11 * np.abs(ref) + 6e-8).all()
     elif preset in ("bfloat16",):
         assert (err <= 2.0**-8 * np.abs(ref) + 1e-30).all()
-    elif preset == "lowres":  # the replayed upsampler gives the eager features to float16 precision
+    elif preset == "lowres":  # the upsampler re-run on the stored JPEG: close to the eager features, and
+        # exactly (to float16 precision) what it gives on the same JPEG decoded independently here
+        cos_img = ((got * ref).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1) + 1e-12)).mean((1, 2))
+        assert cos_img.min() >= 0.999, cos_img
+        expected = _replay_on_jpeg(cache, sorted(cache.keys()))
         scale = np.abs(ref).max(axis=(1, 2, 3), keepdims=True)
-        assert (err <= 2.0**-10 * scale).all()
+        assert (np.abs(got - expected) <= 2.0**-10 * scale).all()
+        assert not np.array_equal(got, ref)  # the guidance really is the lossy image
     elif preset == "int8":
         keys = sorted(cache.keys())
         for i, key in enumerate(keys):

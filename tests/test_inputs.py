@@ -175,6 +175,25 @@ def test_alpha_is_composited_on_white():
     assert (rgb == 255).all()
 
 
+@pytest.mark.parametrize("name,size", [("astronaut", 32), ("coffee", 48), ("retina", 64)])
+def test_large_jpegs_decoded_reduced_stay_close_to_the_full_decode(name, size):
+    """A JPEG far larger than the target is decoded at 1/2-1/8 scale (Image.draft): same geometry as the full
+    decode + resize, pixels within the bound stated in images._open_rgb."""
+    from pipeline.ingest.sample_photos import encode, photo
+
+    arr = photo(name)
+    sideways = np.ascontiguousarray(arr.swapaxes(0, 1))  # and not square: portrait
+    for source in (arr, sideways):
+        data = encode(source, quality=90)
+        got, geometry = load_sample_image({"jpg": data}, size)
+        rgb, mode, orientation = decode_image(data)  # the reference: full decode, then resize and crop
+        want, want_geometry = resize_and_crop(rgb, size, mode, orientation)
+        assert geometry == want_geometry and got.shape == want.shape == (size, size, 3)
+        diff = np.abs(got.astype(int) - want.astype(int))
+        assert diff.any()  # the reduced decode really ran
+        assert diff.mean() <= 0.5 and diff.max() <= 16, (diff.mean(), diff.max())
+
+
 def test_resize_and_crop_geometry():
     img = np.zeros((300, 600, 3), np.uint8)
     img[:, 300:] = 255  # right half white

@@ -404,7 +404,7 @@ class ShardProcessor:
             arrays, has_label = self._encode(np.stack([b.image for b in batch]), batch, timing)
             result.compute_seconds += sum(timing)
             writer.put(arrays)
-            result.bytes_written += sum(a.nbytes for a in arrays.values())
+            result.bytes_written += sum(sum(map(len, a)) if a.dtype == object else a.nbytes for a in arrays.values())
             for item, labelled in zip(batch, has_label):
                 rows.append(manifest.ok_row(item.key, shard.shard_id, shard.url, item.sample_index, self.preset.name,
                                             path[FEATURES_GROUP], path[LOWRES_GROUP],

@@ -35,7 +35,7 @@ from pipeline.caching.output_store import (
     UPSAMPLER_NAME,
     OutputStore,
 )
-from pipeline.caching.presets import Preset, pca_components
+from pipeline.caching.presets import Preset, decode_stored_image, pca_components
 from pipeline.options import ConfigError
 
 Crop = tuple[int, int, int, int]  # top, left, height, width in high-res feature pixels
@@ -163,12 +163,19 @@ class FeatureCache(torch.utils.data.Dataset):
             self._upsampler = self._upsampler.to(self.device).eval()
         return self._upsampler
 
+    def image(self, item: int | str) -> np.ndarray:
+        """The cropped input image (3, S, S) uint8 that the lowres preset stored (JPEG, or raw in older caches)."""
+        if not self.preset.needs_upsampler_at_read:
+            raise CacheError(f"only the lowres preset stores the image; this cache is {self.storage}")
+        i = self._index(item)
+        return decode_stored_image(self._array("image", self._names[i])[self._rows[i]])
+
     def _replay(self, i: int) -> np.ndarray:
         from featup_ops import FeatureModel
 
         name, row = self._names[i], self._rows[i]
         lowres = torch.from_numpy(np.asarray(self._array(LOWRES_GROUP, name)[row])).float()[None].to(self.device)
-        image = torch.from_numpy(np.asarray(self._array("image", name)[row])).float()[None].to(self.device) / 255
+        image = torch.from_numpy(self.image(i)).float()[None].to(self.device) / 255
         with torch.no_grad():
             highres = self._replay_upsampler()(lowres, FeatureModel.guidance(image))
         return highres[0].cpu().numpy()

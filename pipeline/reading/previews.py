@@ -19,12 +19,8 @@ from pipeline.storage.shards import iter_samples
 
 def sample_images(cache: FeatureCache, keys: Sequence[str]) -> dict[str, np.ndarray]:
     """The cropped input images of `keys`: from the store (lowres preset) or re-read from their shards."""
-    if "image" in {s.group for s in cache.preset.arrays()}:
-        out = {}
-        for key in keys:
-            i = cache.position(key)
-            out[key] = np.asarray(cache._array("image", cache._names[i])[cache._rows[i]]).transpose(1, 2, 0)
-        return out
+    if cache.preset.needs_upsampler_at_read:
+        return {key: cache.image(key).transpose(1, 2, 0) for key in keys}
     wanted: dict[str, set[str]] = {}
     for key in keys:
         wanted.setdefault(cache.row(key)["source"], set()).add(key)

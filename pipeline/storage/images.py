@@ -80,10 +80,18 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, P, CMYK, YCbCr, 1, LAB, HSV
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = DEFAULT_MIN_SIDE
-                 ) -> tuple[np.ndarray, str, int]:
-    """Bytes -> (H, W, 3) uint8 RGB upright (EXIF orientation applied), the original PIL mode and the EXIF
-    orientation (1 = as stored)."""
+DRAFT_GAP = 4  # JPEGs are decoded reduced (1/2, 1/4, 1/8) only while the shorter side stays >= this x target
+
+
+def _open_rgb(data: bytes, max_pixels: int, min_side: int, target: int | None = None
+              ) -> tuple[Image.Image, str, int, tuple[int, int]]:
+    """Bytes -> (upright RGB PIL image, original mode, EXIF orientation, upright full-size (height, width)).
+
+    With `target`, a JPEG whose shorter side is at least 2 * DRAFT_GAP * target is decoded at a reduced
+    scale by libjpeg (Image.draft) that keeps its shorter side >= DRAFT_GAP * target: 3-10x less decode
+    work on large photos, and the bicubic resize that follows still reduces by DRAFT_GAP or more, so the
+    result stays within a level or so of the full decode (measured on photographs: mean |difference| <= 0.3,
+    at most 3 levels, 11 on fine vessels at 64 px; tests/test_inputs.py)."""
     if not data:
         raise SampleError("empty image file")
     try:
@@ -96,6 +104,9 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: in
                                   f"{max_pixels / 1e6:.0f} MP decompression-bomb limit (raise --max-pixels if intended)")
             if min(width, height) < min_side:
                 raise SampleError(f"image is {width}x{height}, smaller than the minimum side of {min_side} px")
+            if target is not None and img.format == "JPEG" and min(width, height) >= 2 * DRAFT_GAP * target:
+                keep = DRAFT_GAP * target / min(width, height)  # draft keeps both sides >= the size asked
+                img.draft(img.mode, (int(width * keep + 0.999), int(height * keep + 0.999)))
             img.load()
             mode = img.mode
             orientation = int(img.getexif().get(0x0112, 1) or 1)
@@ -109,7 +120,28 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: in
         raise SampleError(f"decompression bomb: {exc}") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise SampleError(f"corrupt image: {exc}") from None
+    upright = (width, height) if orientation in (5, 6, 7, 8) else (height, width)
+    return rgb, mode, orientation, upright
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = DEFAULT_MIN_SIDE
+                 ) -> tuple[np.ndarray, str, int]:
+    """Bytes -> (H, W, 3) uint8 RGB upright (EXIF orientation applied), the original PIL mode and the EXIF
+    orientation (1 = as stored)."""
+    rgb, mode, orientation, _ = _open_rgb(data, max_pixels, min_side)
     return np.asarray(rgb, dtype=np.uint8), mode, orientation
+
+
+def _resize_and_crop(img: Image.Image, size: int, full_hw: tuple[int, int], mode: str, orientation: int
+                     ) -> tuple[np.ndarray, Geometry]:
+    """`img` (possibly decoded reduced, see _open_rgb) of an upright full_hw image -> resized + cropped."""
+    h, w = full_hw
+    scale = size / min(h, w)
+    rh, rw = max(size, round(h * scale)), max(size, round(w * scale))
+    top, left = (rh - size) // 2, (rw - size) // 2
+    resized = img.resize((rw, rh), Image.BICUBIC, reducing_gap=None)
+    out = np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    return out, Geometry(h, w, mode, orientation, rh, rw, top, left, size)
 
 
 def resize_and_crop(rgb: np.ndarray, size: int, mode: str = "?", orientation: int = 1) -> tuple[np.ndarray, Geometry]:
@@ -117,21 +149,15 @@ def resize_and_crop(rgb: np.ndarray, size: int, mode: str = "?", orientation: in
 
     The FeatUp training preprocessing (Resize(size) + CenterCrop(size)). Returns (size, size, 3) uint8.
     """
-    h, w = rgb.shape[:2]
-    scale = size / min(h, w)
-    rh, rw = max(size, round(h * scale)), max(size, round(w * scale))
-    img = Image.fromarray(rgb).resize((rw, rh), Image.BICUBIC, reducing_gap=None)
-    top, left = (rh - size) // 2, (rw - size) // 2
-    out = np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
-    return out, Geometry(h, w, mode, orientation, rh, rw, top, left, size)
+    return _resize_and_crop(Image.fromarray(rgb), size, rgb.shape[:2], mode, orientation)
 
 
 def load_sample_image(sample: dict, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
                       min_side: int = DEFAULT_MIN_SIDE) -> tuple[np.ndarray, Geometry]:
     """A webdataset sample -> ((size, size, 3) uint8 image, geometry); SampleError when unusable."""
     _, data = find_image(sample)
-    rgb, mode, orientation = decode_image(data, max_pixels=max_pixels, min_side=min_side)
-    return resize_and_crop(rgb, size, mode, orientation)
+    img, mode, orientation, full_hw = _open_rgb(data, max_pixels, min_side, target=size)
+    return _resize_and_crop(img, size, full_hw, mode, orientation)
 
 
 # -- segmentation labels ------------------------------------------------------------------------------------
