@@ -26,6 +26,7 @@ from pipeline.caching.output_store import (
     LABELS_GROUP,
     LOWRES_GROUP,
     OutputStore,
+    StagedArray,
 )
 from pipeline.caching.presets import ArraySpec, Preset, fit_pca, pca_components
 from pipeline.storage.filesystems import protocol_of, resolve_options
@@ -86,9 +87,9 @@ class _Decoded:
 class _Stream:
     """Reader thread + ordered decode pool: yields _Decoded items in shard order, `prefetch` ahead."""
 
-    def __init__(self, url: str, config: JobConfig, pool: ThreadPoolExecutor, prefetch: int,
+    def __init__(self, shard: Shard, config: JobConfig, pool: ThreadPoolExecutor, prefetch: int,
                  label_hw: tuple[int, int] | None):
-        self.url, self.config, self.pool, self.prefetch, self.label_hw = url, config, pool, prefetch, label_hw
+        self.shard, self.config, self.pool, self.prefetch, self.label_hw = shard, config, pool, prefetch, label_hw
         self.samples: queue.Queue = queue.Queue(maxsize=prefetch)
         self.stop = threading.Event()
         self.truncation: TruncatedShardError | None = None
@@ -97,7 +98,7 @@ class _Stream:
 
     def _read(self) -> None:
         try:
-            for sample in iter_samples(self.url, self.config.storage_options):
+            for sample in iter_samples(self.shard.url, self.config.storage_options, self.shard.size):
                 while not self.stop.is_set():
                     try:
                         self.samples.put(sample, timeout=0.2)
@@ -147,43 +148,34 @@ class _Stream:
 
 
 class _Writer:
-    """The only writer of one shard attempt's arrays; runs in its own thread behind a small queue."""
+    """The only writer of one shard attempt's arrays; runs in its own thread behind a small queue.
+
+    Per sample and array one storage write; each array's metadata is stored once, at `finish`, with the
+    final count (see `StagedArray`).
+    """
 
     def __init__(self, store: OutputStore, name: str, specs: list[ArraySpec], capacity: int, source: str,
                  preset: str):
-        self.store, self.name, self.specs, self.source, self.preset = store, name, specs, source, preset
-        self.capacity = max(capacity, 1)
+        self.store, self.source, self.preset = store, source, preset
+        self.arrays = {spec.group: StagedArray(spec.group, name, spec, IGNORE_LABEL if spec.group == LABELS_GROUP
+                                               else 0, capacity) for spec in specs}
         self.jobs: queue.Queue = queue.Queue(maxsize=2)
         self.rows = 0
         self.failure: BaseException | None = None
-        self.arrays: dict = {}
         self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
         self.thread.start()
 
-    def _ensure_capacity(self, needed: int) -> None:
-        if needed <= self.capacity:
-            return
-        while self.capacity < needed:
-            self.capacity *= 2
-        for arr in self.arrays.values():
-            arr.resize((self.capacity, *arr.shape[1:]))
-
     def _run(self) -> None:
         try:
-            for spec in self.specs:
-                fill = IGNORE_LABEL if spec.group == LABELS_GROUP else 0
-                self.arrays[spec.group] = self.store.create_array(
-                    spec.group, self.name, spec, self.capacity, fill,
-                    {"shard": self.source, "storage": self.preset, "role": spec.group})
             while True:
                 job = self.jobs.get()
                 if job is _END:
                     return
-                n = len(next(iter(job.values())))
-                self._ensure_capacity(self.rows + n)
+                objects: dict[str, bytes] = {}
                 for group, data in job.items():
-                    self.arrays[group][self.rows : self.rows + n] = data
-                self.rows += n
+                    objects.update(self.arrays[group].encode(self.rows, data))
+                self.store.put_many(objects)
+                self.rows += len(next(iter(job.values())))
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             self.failure = exc
             while True:  # drain so the producer never blocks on a dead writer
@@ -196,15 +188,16 @@ class _Writer:
         self.jobs.put(batch)
 
     def finish(self, keys: list[str]) -> None:
-        """Waits for pending writes, trims the arrays to the rows written and records their keys."""
+        """Waits for pending writes, then stores each array's metadata: the rows written and their keys."""
         self.jobs.put(_END)
         self.thread.join()
         if self.failure is not None:
             raise self.failure
-        for arr in self.arrays.values():
-            if arr.shape[0] != self.rows:
-                arr.resize((self.rows, *arr.shape[1:]))
-            arr.update_attributes({"featup": {**arr.attrs.get("featup", {}), "keys": keys}})
+        documents: dict[str, bytes] = {}
+        for group, array in self.arrays.items():
+            documents.update(array.metadata(self.rows, {"shard": self.source, "storage": self.preset, "role": group,
+                                                        "keys": keys}))
+        self.store.put_many(documents)
 
     def abort(self) -> None:
         self.jobs.put(_END)
@@ -322,7 +315,7 @@ class ShardProcessor:
             picked.append(flat[torch.randint(len(flat), (pixels_per_image * len(batch),), generator=rng)])
 
         for shard in shards:
-            stream = _Stream(shard.url, self.config, self.pool, prefetch=self.config.batch_size, label_hw=None)
+            stream = _Stream(shard, self.config, self.pool, prefetch=self.config.batch_size, label_hw=None)
             batch: list[np.ndarray] = []
             try:
                 for item in stream.items():
@@ -366,7 +359,7 @@ class ShardProcessor:
         if self.preset.needs_upsampler_at_read:
             path[FEATURES_GROUP] = f"image/{name}"  # what the reader starts from
         writer = _Writer(self.store, name, specs, shard.expected_samples or 64, shard.url, self.preset.name)
-        stream = _Stream(shard.url, cfg, self.pool, prefetch=2 * cfg.batch_size + cfg.decode_threads,
+        stream = _Stream(shard, cfg, self.pool, prefetch=2 * cfg.batch_size + cfg.decode_threads,
                          label_hw=self.hr_hw if cfg.labels == "auto" else None)
         rows: list[dict] = []
         keys: list[str] = []

@@ -22,8 +22,8 @@ def sample_images(cache: FeatureCache, keys: Sequence[str]) -> dict[str, np.ndar
     if "image" in {s.group for s in cache.preset.arrays()}:
         out = {}
         for key in keys:
-            i = cache.position(key)
-            out[key] = np.asarray(cache._array("image", cache._names[i])[cache._rows[i]]).transpose(1, 2, 0)
+            name, row = cache.location(key)
+            out[key] = np.asarray(cache._array("image", name)[row]).transpose(1, 2, 0)
         return out
     wanted: dict[str, set[str]] = {}
     for key in keys:
@@ -54,7 +54,7 @@ def write_previews(url: str, keys: Sequence[str] | None = None, count: int = 4, 
     """Renders PNG previews for `keys` (default: the first `count` samples) into `out` (default
     <url>/previews); returns the written paths."""
     cache = FeatureCache(url, storage_options)
-    keys = list(keys) if keys else cache.keys()[:count]
+    keys = list(keys) if keys else [cache.key(i) for i in range(min(count, len(cache)))]
     missing = [k for k in keys if k not in cache]
     if missing:
         raise ConfigError(f"not in the cache {url}: {missing[:5]}; see FeatureCache(url).keys() for what it holds")

@@ -1,0 +1,206 @@
+"""Sample keys without a Python object per key: a 64-bit hash of each key, sorted, over an Arrow string column.
+
+`hash_keys` hashes a whole Arrow column with numpy (a few vectorised passes per 8 bytes of key length);
+`hash_key` is the same function for one Python string, in plain integer arithmetic. The hash is
+splitmix64's finaliser applied per little-endian 8-byte word, seeded, with the key's length mixed in:
+fixed by its definition here, so it is the same on every machine and for every run. `KeyIndex` keeps
+the sorted hashes and the positions they came from (two numpy arrays) and finds a key in O(log n),
+checking candidates against the Arrow column itself, so a hash collision can never return a wrong row.
+Everything is plain numpy/Arrow memory: forked DataLoader workers share it copy-on-write.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+MASK64 = (1 << 64) - 1
+GOLDEN = 0x9E3779B97F4A7C15
+MIX1, MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+CHUNK = 1 << 16  # keys hashed per vectorised block: its temporaries stay in the CPU cache
+_TAIL_MASKS = np.array([(1 << (8 * r)) - 1 for r in range(8)] + [MASK64], dtype=np.uint64)
+
+
+def _mix_int(z: int) -> int:
+    z = ((z ^ (z >> 30)) * MIX1) & MASK64
+    z = ((z ^ (z >> 27)) * MIX2) & MASK64
+    return z ^ (z >> 31)
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser, in place on a uint64 array (wrapping arithmetic)."""
+    z ^= z >> np.uint64(30)
+    z *= np.uint64(MIX1)
+    z ^= z >> np.uint64(27)
+    z *= np.uint64(MIX2)
+    z ^= z >> np.uint64(31)
+    return z
+
+
+def _start(seed: int, length: int) -> int:
+    return _mix_int((((seed + 1) * GOLDEN) & MASK64) ^ length)
+
+
+def hash_key(key: str, seed: int = 0) -> int:
+    """The 64-bit hash of one key (UTF-8), equal to what `hash_keys` gives for it."""
+    data = key.encode()
+    h = _start(seed, len(data))
+    for k in range(0, len(data), 8):
+        word = int.from_bytes(data[k: k + 8], "little")
+        h = _mix_int(((h ^ word) + GOLDEN) & MASK64)
+    return h
+
+
+def _as_string_array(keys: pa.Array | pa.ChunkedArray | Sequence[str]) -> pa.Array:
+    if isinstance(keys, pa.ChunkedArray):
+        keys = keys.combine_chunks()
+    elif not isinstance(keys, pa.Array):
+        keys = pa.array(keys, type=pa.string())
+    if pa.types.is_dictionary(keys.type):
+        keys = keys.cast(keys.type.value_type)
+    if not (pa.types.is_string(keys.type) or pa.types.is_large_string(keys.type)):
+        raise TypeError(f"keys must be strings, got an Arrow column of {keys.type}")
+    if keys.null_count:
+        raise ValueError(f"{keys.null_count} key(s) are null; every sample needs a key")
+    return keys
+
+
+def hash_keys(keys: pa.Array | pa.ChunkedArray | Sequence[str], seed: int = 0) -> np.ndarray:
+    """uint64 hashes of a column of keys, vectorised (see the module docstring for the function)."""
+    keys = _as_string_array(keys)
+    n = len(keys)
+    out = np.empty(n, dtype=np.uint64)
+    if n == 0:
+        return out
+    offset_type = np.int64 if pa.types.is_large_string(keys.type) else np.int32
+    offsets = np.frombuffer(keys.buffers()[1], dtype=offset_type)[keys.offset: keys.offset + n + 1].astype(np.int64)
+    data = np.frombuffer(keys.buffers()[2], dtype=np.uint8) if keys.buffers()[2] is not None else np.zeros(0, np.uint8)
+    seed_word = np.uint64(((seed + 1) * GOLDEN) & MASK64)
+    for lo in range(0, n, CHUNK):
+        hi = min(lo + CHUNK, n)
+        first, last = offsets[lo], offsets[hi]
+        # the block's bytes plus 8 zero bytes, seen as one (unaligned) uint64 starting at every byte
+        block = np.zeros(last - first + 8, dtype=np.uint8)
+        block[: last - first] = data[first:last]
+        words = np.ndarray(shape=(len(block) - 7,), dtype="<u8", buffer=block, strides=(1,))
+        starts = offsets[lo:hi] - first
+        lengths = offsets[lo + 1: hi + 1] - offsets[lo:hi]
+        h = _mix(seed_word ^ lengths.astype(np.uint64))
+        shortest = int(lengths.min())
+        for k in range(0, int(lengths.max()), 8):
+            if k + 8 <= shortest:  # every key has a whole word here
+                h ^= words[starts + k]
+                h += np.uint64(GOLDEN)
+                _mix(h)
+                continue
+            active = np.nonzero(lengths > k)[0]
+            word = words[starts[active] + k] & _TAIL_MASKS[np.minimum(lengths[active] - k, 8)]
+            word ^= h[active]
+            word += np.uint64(GOLDEN)
+            h[active] = _mix(word)
+        out[lo:hi] = h
+    return out
+
+
+def below_fraction(hashes: np.ndarray, fraction: float) -> np.ndarray:
+    """True where hash / 2**64 < fraction: a deterministic, uniform draw per key."""
+    if fraction <= 0:
+        return np.zeros(len(hashes), dtype=bool)
+    return hashes < np.uint64(min(int(fraction * 2.0**64), MASK64))
+
+
+class DuplicateKeyError(KeyError):
+    """A key that occurs in several rows, looked up by key."""
+
+
+class KeyIndex:
+    """Finds keys of an Arrow string column by their sorted 64-bit hashes; O(log n) per key.
+
+    One sorted uint64 array holds, per key, the top bits of its hash above its position (as many low
+    bits as positions need): sorting it orders the keys by hash and carries the positions along, at the
+    cost of one array of n words. Equal prefixes (duplicated keys, or rare prefix collisions) are told
+    apart by comparing the keys themselves.
+    """
+
+    def __init__(self, keys: pa.Array | pa.ChunkedArray):
+        self.keys = _as_string_array(keys)
+        n = len(self.keys)
+        self.shift = np.uint64(max(1, (n - 1).bit_length()))
+        self.low = np.uint64((1 << int(self.shift)) - 1)
+        packed = hash_keys(self.keys)
+        packed >>= self.shift
+        packed <<= self.shift
+        packed |= np.arange(n, dtype=np.uint64)
+        packed.sort()
+        self.packed = packed
+        self.has_duplicates = self._any_duplicate()
+
+    def _any_duplicate(self) -> bool:
+        """True when a key occurs twice: only keys in runs of equal hash prefixes (rare) are compared."""
+        prefix = self.packed >> self.shift
+        same = prefix[1:] == prefix[:-1]
+        if not same.any():
+            return False
+        in_run = np.zeros(len(prefix), dtype=bool)
+        in_run[1:] |= same
+        in_run[:-1] |= same
+        at = np.nonzero(in_run)[0]
+        keys = self.keys.take(pa.array((self.packed[at] & self.low).astype(np.int64))).to_pylist()
+        seen: set = set()
+        for entry in zip(prefix[at].tolist(), keys):
+            if entry in seen:
+                return True
+            seen.add(entry)
+        return False
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def find(self, key: str) -> list[int]:
+        """Positions holding `key` (empty when absent; more than one for a duplicated key), ascending."""
+        if not isinstance(key, str):
+            return []
+        shift, prefix = int(self.shift), hash_key(key) >> int(self.shift)
+        at = int(self.packed.searchsorted(np.uint64(prefix << shift)))
+        found = []
+        while at < len(self.packed):
+            entry = int(self.packed[at])
+            if entry >> shift != prefix:
+                break
+            position = entry & int(self.low)
+            if self.keys[position].as_py() == key:
+                found.append(position)
+            at += 1
+        return sorted(found)
+
+    def position(self, key: str) -> int | None:
+        """The one position of `key`; None when absent; DuplicateKeyError when it occurs several times."""
+        found = self.find(key)
+        if len(found) > 1:
+            raise DuplicateKeyError(key, found)
+        return found[0] if found else None
+
+    def positions(self, keys: pa.Array | pa.ChunkedArray | Sequence[str]) -> np.ndarray:
+        """Positions of many keys at once (vectorised); -1 for an absent key, -2 for a duplicated one."""
+        query = _as_string_array(keys)
+        first = hash_keys(query)
+        first >>= self.shift
+        first <<= self.shift
+        by_hash = np.argsort(first)  # sorted queries: each binary search starts where the last one ended
+        lo = np.empty(len(query), dtype=np.int64)
+        hi = np.empty(len(query), dtype=np.int64)
+        lo[by_hash] = np.searchsorted(self.packed, first[by_hash], side="left")
+        hi[by_hash] = np.searchsorted(self.packed, first[by_hash] | self.low, side="right")
+        out = np.full(len(query), -1, dtype=np.int64)
+        single = np.nonzero(hi - lo == 1)[0]
+        candidates = (self.packed[lo[single]] & self.low).astype(np.int64)
+        same = pc.equal(self.keys.take(pa.array(candidates)), query.take(pa.array(single)))
+        matched = np.asarray(same.to_numpy(zero_copy_only=False), dtype=bool)
+        out[single[matched]] = candidates[matched]
+        for i in np.nonzero(hi - lo > 1)[0]:  # equal prefixes: a duplicated key or (rarely) a collision
+            found = self.find(query[int(i)].as_py())
+            out[i] = found[0] if len(found) == 1 else (-2 if len(found) > 1 else -1)
+        return out
