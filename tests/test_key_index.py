@@ -81,3 +81,13 @@ def test_null_keys_are_refused():
         hash_keys(pa.array(["a", None]))
     with pytest.raises(TypeError, match="keys must be strings"):
         hash_keys(pa.array([1, 2]))
+
+
+def test_an_index_over_some_rows_of_a_chunked_column():
+    column = pa.chunked_array([["r0", "skip", "r2"], [], ["r3", "skip2"], ["r5"]])
+    index = KeyIndex(column, rows=np.array([0, 2, 3, 5]))
+    assert len(index) == 4 and [index.key_at(p) for p in range(4)] == ["r0", "r2", "r3", "r5"]
+    assert index.take(np.array([3, 0, 2, 1, 3])).to_pylist() == ["r5", "r0", "r3", "r2", "r5"]
+    assert index.position("r3") == 2 and index.position("skip") is None
+    assert index.positions(["r5", "skip2", "r0"]).tolist() == [3, -1, 0]
+    assert hash_keys(index.column).tolist() == [reference_hash(k, 0) for k in column.to_pylist()]

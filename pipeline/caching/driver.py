@@ -249,7 +249,8 @@ def finalize(run: PreparedRun, summary: RunSummary, preset_info: dict) -> RunSum
     config, store, shards = run.config, run.store, run.shards
     run.lease.check()
     commit_log = CommitLog(store)
-    commits = commit_log.scan(run.commits)  # catches commits whose worker's answer was lost
+    # after work, list again: catches commits whose worker's answer was lost (nothing else writes: the lease)
+    commits = commit_log.scan(run.commits) if run.pending else run.commits
     committed = [commits[s.shard_id] for s in shards if s.shard_id in commits]
     digest = manifest_digest(committed)
     clock = time.perf_counter()

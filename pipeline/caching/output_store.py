@@ -176,11 +176,18 @@ class OutputStore:
         else:
             self.fs.pipe_file(path, data)
 
-    def put_many(self, objects: Mapping[str, bytes]) -> None:
-        """Writes several whole objects ({relative path: bytes}); on object storage concurrently."""
+    def put_many(self, objects: Mapping[str, bytes], durable: bool = True) -> None:
+        """Writes several whole objects ({relative path: bytes}); on object storage concurrently. Locally,
+        `durable=False` writes in place without syncing (array objects: only a commit makes them count)."""
         if protocol_of(self.url) == "file":
             for rel, data in objects.items():
-                self.put_bytes(rel, data)
+                if durable:
+                    self.put_bytes(rel, data)
+                else:
+                    path = self.path(rel)
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    with open(path, "wb") as f:
+                        f.write(data)
         elif objects:
             self.fs.pipe({self.path(rel): data for rel, data in objects.items()})
 

@@ -174,7 +174,7 @@ class _Writer:
                 objects: dict[str, bytes] = {}
                 for group, data in job.items():
                     objects.update(self.arrays[group].encode(self.rows, data))
-                self.store.put_many(objects)
+                self.store.put_many(objects, durable=False)
                 self.rows += len(next(iter(job.values())))
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             self.failure = exc
@@ -197,7 +197,7 @@ class _Writer:
         for group, array in self.arrays.items():
             documents.update(array.metadata(self.rows, {"shard": self.source, "storage": self.preset, "role": group,
                                                         "keys": keys}))
-        self.store.put_many(documents)
+        self.store.put_many(documents, durable=False)
 
     def abort(self) -> None:
         self.jobs.put(_END)

@@ -51,6 +51,36 @@ PATH_COLUMNS = ("status", "features_array", "lowres_array", "labels_array")  # f
 _ITER_BLOCK = 1 << 16
 
 
+_NULLS = object()  # what _constant says of a column with no value at all
+
+
+def _constant(metadata: pq.FileMetaData, column: str) -> Any:
+    """The one value every row of `column` holds (_NULLS: none), when the row-group statistics say so; else None."""
+    index = metadata.schema.to_arrow_schema().get_field_index(column)
+    if index < 0:
+        return None
+    seen = set()
+    for g in range(metadata.num_row_groups):
+        group = metadata.row_group(g)
+        stats = group.column(index).statistics
+        if stats is None or not stats.has_null_count:
+            return None
+        if stats.null_count == group.num_rows:
+            seen.add(_NULLS)
+        elif stats.null_count == 0 and stats.has_min_max and stats.min == stats.max:
+            seen.add(stats.min)
+        else:
+            return None
+    return seen.pop() if len(seen) == 1 else None
+
+
+def _numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A null-free Arrow column as one numpy array."""
+    if isinstance(column, pa.ChunkedArray):
+        return np.concatenate([c.to_numpy(zero_copy_only=False) for c in column.chunks] or [np.zeros(0)])
+    return column.to_numpy(zero_copy_only=False)
+
+
 class CacheError(ConfigError):
     """A location that is not a finished feature cache, or a request it cannot serve."""
 
@@ -75,8 +105,8 @@ class KeySelection(Sequence[str]):
     """Keys of one cache chosen by position (what `FeatureCache.split` returns): a sequence of str that
     holds only a numpy array of positions. `list(selection)` makes a list; `positions` gives the positions."""
 
-    def __init__(self, keys: pa.Array, positions: np.ndarray):
-        self.column = keys  # the cache's key column, shared, never copied
+    def __init__(self, index: KeyIndex, positions: np.ndarray):
+        self.index = index  # the cache's keys, shared, never copied
         self.positions = np.asarray(positions, dtype=np.int64)
 
     def __len__(self) -> int:
@@ -84,31 +114,28 @@ class KeySelection(Sequence[str]):
 
     def __getitem__(self, item):
         if isinstance(item, slice):
-            return KeySelection(self.column, self.positions[item])
-        return self.column[int(self.positions[item])].as_py()
+            return KeySelection(self.index, self.positions[item])
+        return self.index.key_at(self.positions[item])
 
     def __iter__(self) -> Iterator[str]:
         for start in range(0, len(self.positions), _ITER_BLOCK):
-            yield from self.column.take(pa.array(self.positions[start: start + _ITER_BLOCK])).to_pylist()
+            yield from self.index.take(self.positions[start: start + _ITER_BLOCK]).to_pylist()
 
     def __contains__(self, key: object) -> bool:
-        if not isinstance(key, str):
-            return False
-        holding = np.nonzero(pc.equal(self.column, key).to_numpy(zero_copy_only=False))[0]
-        return bool(np.isin(self.positions, holding).any())
+        return isinstance(key, str) and bool(np.isin(self.positions, self.index.find(key)).any())
 
     def __eq__(self, other: object) -> bool:
-        if isinstance(other, KeySelection) and other.column is self.column:
+        if isinstance(other, KeySelection) and other.index is self.index:
             return np.array_equal(self.positions, other.positions)
         if isinstance(other, Sequence) and not isinstance(other, str):
             return len(other) == len(self) and list(self) == list(other)
         return NotImplemented
 
-    __hash__ = None  # mutable-looking sequence semantics, like list
+    __hash__ = None  # list-like: compared by content, not hashable
 
     def __add__(self, other: Sequence[str]) -> Sequence[str]:
-        if isinstance(other, KeySelection) and other.column is self.column:
-            return KeySelection(self.column, np.concatenate([self.positions, other.positions]))
+        if isinstance(other, KeySelection) and other.index is self.index:
+            return KeySelection(self.index, np.concatenate([self.positions, other.positions]))
         return list(self) + list(other)
 
     def __radd__(self, other: Sequence[str]) -> list[str]:
@@ -116,7 +143,7 @@ class KeySelection(Sequence[str]):
 
     def to_arrow(self) -> pa.Array:
         """The selected keys as an Arrow string array."""
-        return self.column.take(pa.array(self.positions))
+        return self.index.take(self.positions)
 
     def __repr__(self) -> str:
         head = ", ".join(repr(k) for k in self[:3])
@@ -166,41 +193,61 @@ class FeatureCache(torch.utils.data.Dataset):
                 yield f
 
     def _load_index(self) -> None:
-        """Reads the key, status and location columns of the manifest and indexes the ok samples."""
+        """Reads the key, status and location columns of the manifest and indexes the ok samples.
+
+        Columns whose row-group statistics already say what they hold (every status "ok", no low-res or label
+        arrays anywhere) are not read at all."""
         try:
             with self._manifest_file() as source:
-                parquet = pq.ParquetFile(source)
-                names = parquet.schema_arrow.names
-                self._group_ends = np.cumsum([parquet.metadata.row_group(g).num_rows
-                                              for g in range(parquet.num_row_groups)])
+                metadata = pq.ParquetFile(source).metadata
         except FileNotFoundError:
             raise CacheError(f"{self.url} has no {MANIFEST_NAME}: not a feature cache, or its job has not "
                              "finished (rerun the job to complete it)") from None
-        columns = [c for c in INDEX_COLUMNS if c in names]
+        names = metadata.schema.to_arrow_schema().names
+        self._group_ends = np.cumsum([metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)])
+        all_ok = _constant(metadata, "status") == "ok"
+        absent = {c for c in ("lowres_array", "labels_array") if c not in names or _constant(metadata, c) is _NULLS}
+        columns = [c for c in INDEX_COLUMNS if c in names and c not in absent and not (c == "status" and all_ok)
+                   and c != "key"]
         with self._manifest_file(columns) as source:
             table = pq.read_table(source, columns=columns, read_dictionary=[c for c in PATH_COLUMNS if c in columns])
-        ok = pc.equal(table.column("status"), "ok")
-        self._manifest_rows: np.ndarray | None = None  # ok position -> manifest row (None: the same)
-        if table.num_rows and not pc.all(ok).as_py():
-            mask = ok.combine_chunks() if isinstance(ok, pa.ChunkedArray) else ok
-            self._manifest_rows = np.nonzero(mask.to_numpy(zero_copy_only=False))[0]
-            table = table.filter(mask)
-        table = table.unify_dictionaries().combine_chunks()
-        self._keys: pa.Array = table.column("key").combine_chunks()
-        paths = table.column("features_array").combine_chunks()
+        table = table.unify_dictionaries()  # path columns: one dictionary of array paths for every row group
+        # ok position -> manifest row; None: every row is ok. The key column keeps every row.
+        self._manifest_rows: np.ndarray | None = None
+        ok = None if all_ok else _numpy(pc.equal(table.column("status"), "ok")).astype(bool)
+        if ok is not None and not ok.all():
+            self._manifest_rows = np.nonzero(ok)[0].astype(np.int32 if len(ok) < 2**31 else np.int64)
+        select = (lambda values: values) if self._manifest_rows is None else (lambda values: values[ok])
+        paths = table.column("features_array")
         # "features/<name>" (or "image/<name>" for the lowres preset): every group of a sample shares <name>
-        self._names: list[str] = [p.split("/", 1)[1] for p in paths.dictionary.to_pylist()]
-        self._name_code: np.ndarray = paths.indices.to_numpy(zero_copy_only=False)
-        self._rows: np.ndarray = table.column("index").combine_chunks().to_numpy(zero_copy_only=False)
-        self._has_lowres = self._present(table, "lowres_array")
-        self._has_labels = self._present(table, "labels_array")
-        self._index = KeyIndex(self._keys)
+        dictionary = paths.chunk(0).dictionary.to_pylist() if paths.num_chunks else []
+        self._names: list[str] = [p.split("/", 1)[1] for p in dictionary]
+        self._name_code: np.ndarray = select(np.concatenate(
+            [c.indices.fill_null(0).to_numpy() for c in paths.chunks] or [np.zeros(0, np.int32)]))
+        self._rows: np.ndarray = select(_numpy(table.column("index").fill_null(-1)))
+        self._has_lowres = select(self._present(table, "lowres_array"))
+        self._has_labels = select(self._present(table, "labels_array"))
+        del table, paths, ok
+        pa.default_memory_pool().release_unused()
+        self._index = KeyIndex(self._read_keys(), self._manifest_rows)
+
+    def _read_keys(self) -> pa.Array:
+        """The key column in one piece, kept outside Arrow's pool; read a row group at a time, so what the
+        pool holds meanwhile is about the column itself, and goes back after."""
+        with self._manifest_file(["key"]) as source:
+            parquet = pq.ParquetFile(source)
+            chunks = [parquet.read_row_group(g, columns=["key"]).column("key").chunk(0)
+                      for g in range(parquet.num_row_groups)]
+        keys = pa.concat_arrays(chunks, memory_pool=pa.system_memory_pool()) if chunks else pa.array([], pa.string())
+        del chunks
+        pa.default_memory_pool().release_unused()
+        return keys
 
     @staticmethod
     def _present(table: pa.Table, column: str) -> np.ndarray:
         if column not in table.column_names:
             return np.zeros(table.num_rows, dtype=bool)
-        return table.column(column).combine_chunks().is_valid().to_numpy(zero_copy_only=False)
+        return _numpy(table.column(column).is_valid()).astype(bool)
 
     @property
     def manifest(self) -> pa.Table:
@@ -223,15 +270,15 @@ class FeatureCache(torch.utils.data.Dataset):
 
     # -- lookup ---------------------------------------------------------------------------------------------
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self._index)
 
     def keys(self) -> list[str]:
         """Every ok key, in manifest order, as a Python list (one str per sample: avoid for huge caches)."""
-        return self._keys.to_pylist()
+        return KeySelection(self._index, np.arange(len(self))).to_arrow().to_pylist()
 
     def key(self, position: int) -> str:
         """The key of the sample at `position`."""
-        return self._keys[self._index_of(position)].as_py()
+        return self._index.key_at(self._index_of(position))
 
     def __contains__(self, key: object) -> bool:
         return bool(self._index.find(key)) if isinstance(key, str) else False
@@ -246,8 +293,9 @@ class FeatureCache(torch.utils.data.Dataset):
     def split(self, val_fraction: float = 0.2, seed: int = 0) -> tuple[KeySelection, KeySelection]:
         """(train keys, validation keys), deterministic by key hash (the rule of `split_keys`)."""
         _check_fraction(val_fraction)
-        to_val = below_fraction(hash_keys(self._keys, seed), val_fraction)
-        return (KeySelection(self._keys, np.nonzero(~to_val)[0]), KeySelection(self._keys, np.nonzero(to_val)[0]))
+        hashes = hash_keys(self._index.column, seed)
+        to_val = below_fraction(hashes if self._manifest_rows is None else hashes[self._manifest_rows], val_fraction)
+        return KeySelection(self._index, np.nonzero(~to_val)[0]), KeySelection(self._index, np.nonzero(to_val)[0])
 
     def position(self, key: str) -> int:
         """The position of the sample with `key`; KeyError when absent or held by several shards."""
@@ -263,7 +311,7 @@ class FeatureCache(torch.utils.data.Dataset):
         """Positions of many keys at once (all samples for None); KeyError naming absent or duplicated ones."""
         if keys is None:
             return np.arange(len(self), dtype=np.int64)
-        if isinstance(keys, KeySelection) and keys.column is self._keys:
+        if isinstance(keys, KeySelection) and keys.index is self._index:
             return keys.positions
         found = self._index.positions(keys.to_arrow() if isinstance(keys, KeySelection) else keys)
         if (found < 0).any():
@@ -370,7 +418,7 @@ class FeatureCache(torch.utils.data.Dataset):
         import ray.data
 
         positions = self.positions(keys)
-        items = pa.table({"key": self._keys.take(pa.array(positions)), "position": pa.array(positions)})
+        items = pa.table({"key": self._index.take(positions), "position": pa.array(positions)})
         return ray.data.from_arrow(items).map_batches(
             _RayReader, fn_constructor_args=(self.url, self.storage_options, with_labels, crop_size),
             batch_size=8, concurrency=concurrency)
@@ -393,7 +441,7 @@ class LabelledFeatures(torch.utils.data.Dataset):
     def __init__(self, cache: FeatureCache, keys: Sequence[str] | None = None, crop_size: int | None = None,
                  seed: int = 0):
         self.cache = cache
-        self.keys = KeySelection(cache._keys, cache.positions(keys))
+        self.keys = KeySelection(cache._index, cache.positions(keys))
         self.crop_size, self.seed = crop_size, seed
         self._draws = 0  # crops differ from one pass to the next, reproducibly per worker
 

@@ -4,13 +4,14 @@
 `hash_key` is the same function for one Python string, in plain integer arithmetic. The hash is
 splitmix64's finaliser applied per little-endian 8-byte word, seeded, with the key's length mixed in:
 fixed by its definition here, so it is the same on every machine and for every run. `KeyIndex` keeps
-the sorted hashes and the positions they came from (two numpy arrays) and finds a key in O(log n),
+the sorted hashes with the positions they came from (one numpy array) and finds a key in O(log n),
 checking candidates against the Arrow column itself, so a hash collision can never return a wrong row.
 Everything is plain numpy/Arrow memory: forked DataLoader workers share it copy-on-write.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 
 import numpy as np
@@ -54,31 +55,39 @@ def hash_key(key: str, seed: int = 0) -> int:
     return h
 
 
-def _as_string_array(keys: pa.Array | pa.ChunkedArray | Sequence[str]) -> pa.Array:
+
+def _string_chunks(keys: pa.Array | pa.ChunkedArray | Sequence[str]) -> list[pa.Array]:
+    """The keys as Arrow string arrays (a chunked column stays in its chunks: nothing is copied)."""
     if isinstance(keys, pa.ChunkedArray):
-        keys = keys.combine_chunks()
-    elif not isinstance(keys, pa.Array):
-        keys = pa.array(keys, type=pa.string())
-    if pa.types.is_dictionary(keys.type):
-        keys = keys.cast(keys.type.value_type)
-    if not (pa.types.is_string(keys.type) or pa.types.is_large_string(keys.type)):
-        raise TypeError(f"keys must be strings, got an Arrow column of {keys.type}")
-    if keys.null_count:
-        raise ValueError(f"{keys.null_count} key(s) are null; every sample needs a key")
-    return keys
+        chunks = list(keys.chunks)
+    elif isinstance(keys, pa.Array):
+        chunks = [keys]
+    else:
+        chunks = [pa.array(list(keys), type=pa.string())]
+    out = []
+    for chunk in chunks:
+        if pa.types.is_dictionary(chunk.type):
+            chunk = chunk.cast(chunk.type.value_type)
+        if not (pa.types.is_string(chunk.type) or pa.types.is_large_string(chunk.type)):
+            raise TypeError(f"keys must be strings, got an Arrow column of {chunk.type}")
+        if chunk.null_count:
+            raise ValueError(f"{chunk.null_count} key(s) are null; every sample needs a key")
+        out.append(chunk)
+    return out
 
 
-def hash_keys(keys: pa.Array | pa.ChunkedArray | Sequence[str], seed: int = 0) -> np.ndarray:
-    """uint64 hashes of a column of keys, vectorised (see the module docstring for the function)."""
-    keys = _as_string_array(keys)
+def _as_string_array(keys: pa.Array | pa.ChunkedArray | Sequence[str]) -> pa.Array:
+    chunks = _string_chunks(keys)
+    if len(chunks) == 1:
+        return chunks[0]
+    return pa.chunked_array(chunks, type=chunks[0].type if chunks else pa.string()).combine_chunks()
+
+
+def _hash_chunk(keys: pa.Array, seed_word: np.uint64, out: np.ndarray) -> None:
     n = len(keys)
-    out = np.empty(n, dtype=np.uint64)
-    if n == 0:
-        return out
     offset_type = np.int64 if pa.types.is_large_string(keys.type) else np.int32
     offsets = np.frombuffer(keys.buffers()[1], dtype=offset_type)[keys.offset: keys.offset + n + 1].astype(np.int64)
     data = np.frombuffer(keys.buffers()[2], dtype=np.uint8) if keys.buffers()[2] is not None else np.zeros(0, np.uint8)
-    seed_word = np.uint64(((seed + 1) * GOLDEN) & MASK64)
     for lo in range(0, n, CHUNK):
         hi = min(lo + CHUNK, n)
         first, last = offsets[lo], offsets[hi]
@@ -89,10 +98,13 @@ def hash_keys(keys: pa.Array | pa.ChunkedArray | Sequence[str], seed: int = 0) -
         starts = offsets[lo:hi] - first
         lengths = offsets[lo + 1: hi + 1] - offsets[lo:hi]
         h = _mix(seed_word ^ lengths.astype(np.uint64))
-        shortest = int(lengths.min())
-        for k in range(0, int(lengths.max()), 8):
-            if k + 8 <= shortest:  # every key has a whole word here
-                h ^= words[starts + k]
+        shortest, longest = int(lengths.min()), int(lengths.max())
+        for k in range(0, longest, 8):
+            if k < shortest:  # every key has bytes in this word: no selection
+                word = words[starts + k]
+                if k + 8 > shortest:  # some keys end inside it: keep only their bytes
+                    word &= _TAIL_MASKS[shortest - k] if shortest == longest else _TAIL_MASKS[np.minimum(lengths - k, 8)]
+                h ^= word
                 h += np.uint64(GOLDEN)
                 _mix(h)
                 continue
@@ -102,6 +114,18 @@ def hash_keys(keys: pa.Array | pa.ChunkedArray | Sequence[str], seed: int = 0) -
             word += np.uint64(GOLDEN)
             h[active] = _mix(word)
         out[lo:hi] = h
+
+
+def hash_keys(keys: pa.Array | pa.ChunkedArray | Sequence[str], seed: int = 0) -> np.ndarray:
+    """uint64 hashes of a column of keys, vectorised (see the module docstring for the function)."""
+    chunks = _string_chunks(keys)
+    out = np.empty(sum(len(c) for c in chunks), dtype=np.uint64)
+    seed_word = np.uint64(((seed + 1) * GOLDEN) & MASK64)
+    at = 0
+    for chunk in chunks:
+        if len(chunk):
+            _hash_chunk(chunk, seed_word, out[at: at + len(chunk)])
+        at += len(chunk)
     return out
 
 
@@ -119,24 +143,70 @@ class DuplicateKeyError(KeyError):
 class KeyIndex:
     """Finds keys of an Arrow string column by their sorted 64-bit hashes; O(log n) per key.
 
-    One sorted uint64 array holds, per key, the top bits of its hash above its position (as many low
-    bits as positions need): sorting it orders the keys by hash and carries the positions along, at the
-    cost of one array of n words. Equal prefixes (duplicated keys, or rare prefix collisions) are told
-    apart by comparing the keys themselves.
+    The indexed keys are `keys[rows]` (all of `keys` when `rows` is None) at positions 0, 1, ...; the
+    column is kept as it is (unfiltered, in its chunks). One sorted uint64 array holds, per key,
+    the top bits of its hash above its position (as many low bits as positions need): sorting it orders
+    the keys by hash and carries the positions along, at the cost of one array of n words. Equal prefixes
+    (duplicated keys, or rare prefix collisions) are told apart by comparing the keys themselves.
     """
 
-    def __init__(self, keys: pa.Array | pa.ChunkedArray):
-        self.keys = _as_string_array(keys)
-        n = len(self.keys)
+    def __init__(self, keys: pa.Array | pa.ChunkedArray, rows: np.ndarray | None = None):
+        self.chunks = _string_chunks(keys)  # kept as they are: joining them would copy every key once more
+        self.starts = np.cumsum([0] + [len(c) for c in self.chunks])
+        self._starts = self.starts.tolist()
+        self.rows = None if rows is None else np.asarray(rows)
+        hashes = hash_keys(self.column)
+        if self.rows is not None:
+            hashes = hashes[self.rows]
+        n = len(hashes)
         self.shift = np.uint64(max(1, (n - 1).bit_length()))
         self.low = np.uint64((1 << int(self.shift)) - 1)
-        packed = hash_keys(self.keys)
-        packed >>= self.shift
-        packed <<= self.shift
-        packed |= np.arange(n, dtype=np.uint64)
-        packed.sort()
-        self.packed = packed
+        self._shift, self._low = int(self.shift), int(self.low)
+        for lo in range(0, n, CHUNK):  # a block at a time: no n-long temporaries
+            block = hashes[lo: lo + CHUNK]
+            block >>= self.shift
+            block <<= self.shift
+            block |= np.arange(lo, lo + len(block), dtype=np.uint64)
+        hashes.sort()
+        self.packed = hashes
         self.has_duplicates = self._any_duplicate()
+
+    def __len__(self) -> int:
+        return len(self.packed)
+
+    @property
+    def column(self) -> pa.ChunkedArray:
+        """The key column (every row, also those not indexed), without copying it."""
+        return pa.chunked_array(self.chunks, type=self.chunks[0].type if self.chunks else pa.string())
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held: the keys, the sorted hashes and the row selection."""
+        return self.packed.nbytes + sum(c.nbytes for c in self.chunks) + (0 if self.rows is None else self.rows.nbytes)
+
+    def key_at(self, position: int) -> str:
+        """The key at `position`."""
+        row = int(position) if self.rows is None else int(self.rows[position])
+        if len(self.chunks) == 1:
+            return self.chunks[0][row].as_py()
+        chunk = bisect.bisect_right(self._starts, row) - 1
+        return self.chunks[chunk][row - self._starts[chunk]].as_py()
+
+    def take(self, positions: np.ndarray) -> pa.Array:
+        """The keys at `positions`, as one Arrow array (a take per chunk holding some of them)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        rows = positions if self.rows is None else self.rows[positions].astype(np.int64)
+        if len(self.chunks) == 1:
+            return self.chunks[0].take(pa.array(rows))
+        chunk = np.searchsorted(self.starts, rows, side="right") - 1
+        order = np.argsort(chunk, kind="stable")
+        bounds = np.searchsorted(chunk[order], np.arange(len(self.chunks) + 1))
+        pieces = [self.chunks[c].take(pa.array(rows[order[bounds[c]: bounds[c + 1]]] - self.starts[c]))
+                  for c in range(len(self.chunks)) if bounds[c + 1] > bounds[c]]
+        joined = pa.concat_arrays(pieces) if pieces else pa.array([], pa.string())
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        return joined.take(pa.array(inverse))
 
     def _any_duplicate(self) -> bool:
         """True when a key occurs twice: only keys in runs of equal hash prefixes (rare) are compared."""
@@ -148,7 +218,7 @@ class KeyIndex:
         in_run[1:] |= same
         in_run[:-1] |= same
         at = np.nonzero(in_run)[0]
-        keys = self.keys.take(pa.array((self.packed[at] & self.low).astype(np.int64))).to_pylist()
+        keys = self.take((self.packed[at] & self.low).astype(np.int64)).to_pylist()
         seen: set = set()
         for entry in zip(prefix[at].tolist(), keys):
             if entry in seen:
@@ -156,22 +226,20 @@ class KeyIndex:
             seen.add(entry)
         return False
 
-    def __len__(self) -> int:
-        return len(self.keys)
-
     def find(self, key: str) -> list[int]:
         """Positions holding `key` (empty when absent; more than one for a duplicated key), ascending."""
         if not isinstance(key, str):
             return []
-        shift, prefix = int(self.shift), hash_key(key) >> int(self.shift)
-        at = int(self.packed.searchsorted(np.uint64(prefix << shift)))
+        shift, low, packed = self._shift, self._low, self.packed
+        prefix = hash_key(key) >> shift
+        at = int(packed.searchsorted(np.uint64(prefix << shift)))
         found = []
-        while at < len(self.packed):
-            entry = int(self.packed[at])
+        while at < len(packed):
+            entry = int(packed[at])
             if entry >> shift != prefix:
                 break
-            position = entry & int(self.low)
-            if self.keys[position].as_py() == key:
+            position = entry & low
+            if self.key_at(position) == key:
                 found.append(position)
             at += 1
         return sorted(found)
@@ -197,7 +265,7 @@ class KeyIndex:
         out = np.full(len(query), -1, dtype=np.int64)
         single = np.nonzero(hi - lo == 1)[0]
         candidates = (self.packed[lo[single]] & self.low).astype(np.int64)
-        same = pc.equal(self.keys.take(pa.array(candidates)), query.take(pa.array(single)))
+        same = pc.equal(self.take(candidates), query.take(pa.array(single)))
         matched = np.asarray(same.to_numpy(zero_copy_only=False), dtype=bool)
         out[single[matched]] = candidates[matched]
         for i in np.nonzero(hi - lo > 1)[0]:  # equal prefixes: a duplicated key or (rarely) a collision
