@@ -12,8 +12,10 @@ outputs; each measured run is a fresh child process (its peak RSS is its own), o
 (b) resume with every shard committed at 100 / 1,000 / 10,000 shards. The committed state is synthesised:
     one real committed shard's objects (input tar, commit record, manifest part, arrays' zarr.json) copied
     under new shard names straight into the S3 server's store (chunks are left out: no bookkeeping step
-    reads them). Two resumes each: "unfinalised" (a run killed after its last commit, before the manifest:
-    every commit record and part is read) and "finished" (the rerun of a finished job).
+    reads them). Three resumes each: "unfinalised" (the worst case: no manifest and no commit index, as
+    after a run killed before its first checkpoint: every commit record and part is read), "finished" (the
+    rerun of a finished job) and "killed_after_checkpoint" (a run killed after its last commit and commit
+    index checkpoint, before its manifest: every part is read, no record).
 (c) manifest assembly time (run.json timings.manifest_s of the unfinalised resume) and (d) the driver's
     peak RSS, both at each size.
 (e) FeatureCache on a synthetic manifest of 10 M rows (written directly, realistic keys and paths): open
@@ -242,9 +244,10 @@ def write_big_manifest(root: Path, rows: int, per_shard: int = 1000, readable_sh
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    import zarr
+
     from pipeline.caching import manifest
-    from pipeline.caching.output_store import OutputStore, StagedArray
-    from pipeline.caching.presets import ArraySpec
+    from pipeline.caching.output_store import OutputStore
 
     url = str(root / "big.zarr")
     store = OutputStore(url)
@@ -252,7 +255,7 @@ def write_big_manifest(root: Path, rows: int, per_shard: int = 1000, readable_sh
     rng = np.random.default_rng(0)
     ids = rng.permutation(rows * 5)[:rows]  # unique COCO-like image ids
     dim, hw = 8, (16, 16)
-    with pq.ParquetWriter(str(root / "big.zarr" / "manifest.parquet"), manifest.SCHEMA,  # as manifest.assemble
+    with pq.ParquetWriter(str(root / "big.zarr" / "manifest.parquet"), manifest.SCHEMA,  # as the job writes it
                           use_dictionary=[n for n in manifest.SCHEMA.names if n != "key"]) as writer:
         for lo in range(0, rows, 1_000_000):
             hi = min(lo + 1_000_000, rows)
@@ -282,14 +285,11 @@ def write_big_manifest(root: Path, rows: int, per_shard: int = 1000, readable_sh
                                 ("resized_height", 16), ("resized_width", 21), ("crop_top", 0), ("crop_left", 2)):
                 columns[name] = pc.if_else(ok, pa.scalar(value, pa.int32()), pa.scalar(None, pa.int32()))
             columns["orig_mode"] = pc.if_else(ok, "RGB", None)
-            writer.write_table(pa.table(columns, schema=manifest.SCHEMA), row_group_size=manifest.ROW_GROUP_ROWS)
-    # the rows of the first shards point at real arrays (error rows have no row: ok samples are 0..998)
+            writer.write_table(pa.table(columns, schema=manifest.SCHEMA), row_group_size=65_536)
+    # the rows of the first shards point at real arrays (plain zarr: the same for any version of the reader)
     for s in range(readable_shards):
-        array = StagedArray("features", f"train-{s:06d}_1a2b3c4d", ArraySpec("features", (dim, *hw), "float16"), 0,
-                            per_shard)
         data = np.random.default_rng(s).standard_normal((per_shard - 1, dim, *hw)).astype(np.float16)
-        store.put_many(array.encode(0, data), durable=False)
-        store.put_many(array.metadata(len(data), {}), durable=False)
+        zarr.create_array(f"{url}/features/train-{s:06d}_1a2b3c4d", data=data, chunks=(1, dim, *hw))
     store.put_json("run.json", {"settings": {"storage": "float16", "dim": dim, "output_size": list(hw),
                                              "image_size": 16}, "model": {"lowres_size": [1, 1]}})
     return url
@@ -336,6 +336,22 @@ def measure_fixed_cost(server, fs, env: dict, sizes: tuple[int, int]) -> dict:
             "requests_per_shard": per_shard, "requests_per_shard_total": round(sum(per_shard.values()), 2)}
 
 
+def _as_if_killed_after_checkpoint(output: str) -> bool:
+    """Turns a finished output into one whose run was killed after its last commit and checkpoint, before its
+    manifest: the commit index as the last checkpoint wrote it, no manifest. False for code without one."""
+    try:
+        from pipeline.caching.commit_log import CommitLog
+    except ImportError:
+        return False
+    from pipeline.caching.output_store import MANIFEST_NAME, OutputStore
+
+    store = OutputStore(f"s3://{BUCKET_OUT}/{output}")
+    log = CommitLog(store)
+    log.write_index(log.read_index().commits.values())  # a checkpoint claims no manifest
+    store.fs.rm(store.path(MANIFEST_NAME))
+    return True
+
+
 def measure_resume(server, fs, env: dict, sizes: list[int], template: tuple[str, str]) -> list[dict]:
     from tests.s3_request_counter import difference
 
@@ -344,7 +360,9 @@ def measure_resume(server, fs, env: dict, sizes: list[int], template: tuple[str,
         start = time.perf_counter()
         pattern = synthesise(fs, *template, f"resume-{n}", n)
         entry = {"shards": n, "synthesised_s": round(time.perf_counter() - start, 1)}
-        for phase in ("unfinalised", "finished"):
+        for phase in ("unfinalised", "finished", "killed_after_checkpoint"):
+            if phase == "killed_after_checkpoint" and not _as_if_killed_after_checkpoint(f"resume-{n}/out.zarr"):
+                continue  # code without a commit index
             before = server.counts()
             result = _child("job", env, "--inputs", pattern, "--output", f"s3://{BUCKET_OUT}/resume-{n}/out.zarr")
             requests = difference(server.counts(), before)
@@ -417,7 +435,8 @@ def main() -> None:
             results["resume_note"] = ("committed state synthesised: one real committed shard's objects copied under "
                                       "new names into the S3 server's store (no chunks); 'unfinalised' = first "
                                       "rerun (no manifest or commit index yet: every record and part is read), "
-                                      "'finished' = the rerun after it")
+                                      "'finished' = the rerun after it, 'killed_after_checkpoint' = the manifest "
+                                      "removed and the commit index left as a checkpoint (every part is read)")
     finally:
         server.stop()
     if "reader" not in args.skip:

@@ -1,6 +1,6 @@
 """Bookkeeping at scale, counted on an S3 server that tallies every request: what one shard costs, what resuming
-a finished job reads (nothing per shard), that changed commit records are still noticed, a lost commit index
-costs only reads, and the manifest streamed in row groups."""
+reads (after a crash: only what the last checkpoint lacks; after a finished run: nothing per shard), that changed
+commit records are still noticed, a lost commit index costs only reads, and the manifest streamed in row groups."""
 
 from __future__ import annotations
 
@@ -91,12 +91,32 @@ def _manifest(fs: s3fs.S3FileSystem, output: str) -> pa.Table:
     return pq.read_table(fs.open(f"{output.removeprefix('s3://')}/manifest.parquet", "rb"))
 
 
-def test_resume_reads_nothing_per_shard_and_still_sees_changed_commits(ray_local, counting_s3, tiny_shards):
+@pytest.mark.slow
+def test_resume_reads_nothing_per_shard_and_still_sees_changed_commits(ray_local, counting_s3, tiny_shards,
+                                                                       monkeypatch):
+    from pipeline.caching import driver
+
     fs, pattern = _bucket(counting_s3, "resume-cost", tiny_shards)
     output = "s3://resume-cost/out.zarr"
-    run_job(_config(counting_s3, pattern, output))
+
+    def killed(*args, **kwargs):
+        raise RuntimeError("the driver died here")
+
+    # a run killed after its last commit, before its manifest: a rerun reads only what its checkpoint lacks
+    monkeypatch.setattr(driver, "CHECKPOINT_EVERY_S", 0.0)  # the commit index after every shard
+    with monkeypatch.context() as patch:
+        patch.setattr(driver, "finalize", killed)
+        with pytest.raises(RuntimeError, match="died here"):
+            run_job(_config(counting_s3, pattern, output))
+    assert not fs.exists("resume-cost/out.zarr/manifest.parquet")
+    before = counting_s3.counts()
+    again = run_job(_config(counting_s3, pattern, output))
+    spent = difference(counting_s3.counts(), before)
+    assert again.shards_skipped == SHARDS and "GET commit" not in spent  # every record was in the checkpoint
+    assert spent["GET part"] == SHARDS
     clean = _manifest(fs, output)
-    assert clean.num_rows == 2 * SHARDS
+    assert clean.num_rows == 2 * SHARDS and sorted(clean.column("key").to_pylist()) == sorted(
+        s["__key__"] for i in range(SHARDS) for s in iter_samples(str(tiny_shards / f"t-{i:06d}.tar")))
 
     before = counting_s3.counts()  # a finished job, rerun: every answer comes from listings and the commit index
     again = run_job(_config(counting_s3, pattern, output))
@@ -153,3 +173,4 @@ def test_a_missing_shard_is_named_when_found_by_listing(tmp_path):
             (tmp_path / f"one-{i:06d}.tar").write_bytes((tmp_path / "one-000000.tar").read_bytes())
     with pytest.raises(InputError, match=r"1 of 10 input shards do not exist, e.g. \['.*one-000005.tar'\]"):
         resolve_shards([f"{tmp_path}/one-{{000000..000009}}.tar"])
+

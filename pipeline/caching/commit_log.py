@@ -3,10 +3,12 @@
 Workers write one commit record per shard (`_pipeline/commits/<shard>.json`, see output_store.py). The
 driver needs a few fields of each: `Commit`. It finds them with one listing of the commit folder (a page
 per thousand records on object storage) and reads only the records it does not know yet, concurrently.
-What it knows comes from the records this run's workers returned, and from the commit index: a Parquet
-file (`_pipeline/commit_index.parquet`) written at the end of each run with every record, its storage
-version (the object's ETag) and the version of the manifest built from them. A record whose version
-matches the index is not read again; a finished job is resumed with a few dozen requests in all.
+What it knows comes from the records this run's workers returned (with the version their write got), and
+from the commit index: a Parquet file (`_pipeline/commit_index.parquet`) with every record and its
+storage version (the object's ETag), written every minute while shards complete and at the end of each
+run, then with the version of the manifest built from them. A record whose version matches the index is
+not read again: a finished job is resumed with a few dozen requests in all, an interrupted one reads
+only the records of its last minute (and every manifest part, for its manifest).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from dataclasses import dataclass, fields, replace
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.caching.output_store import MANIFEST_NAME, PIPELINE_DIR, OutputStore
+from pipeline.caching.output_store import MANIFEST_NAME, PIPELINE_DIR, OutputStore, version_of
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +53,6 @@ class Commit:
         return cls(record["shard_id"], record["url"], record["array_name"], record["part"], bool(record["complete"]),
                    int(record["samples_read"]), int(record.get("ok", 0)), int(record.get("errors", 0)),
                    record.get("shard_error"), float(record.get("compute_seconds", 0.0)), version)
-
-
-def version_of(info: Mapping) -> str | None:
-    """An object's version from a listing entry: its ETag on object storage; None where there is none."""
-    tag = info.get("ETag") or info.get("etag")
-    return str(tag).strip('"') if tag else None
 
 
 def manifest_digest(committed: Sequence[Commit]) -> str:
@@ -141,9 +137,10 @@ class CommitLog:
         commits = {row["shard_id"]: Commit(**row) for row in table.to_pylist()}
         return CommitIndex(commits, meta.get("manifest_version") or None, meta.get("manifest_digest") or None)
 
-    def write_index(self, commits: Iterable[Commit], manifest_version: str | None, digest: str) -> None:
-        """Records every commit with its version and what the manifest (of `manifest_version`) was built from."""
-        rows = [{f.name: getattr(c, f.name) for f in fields(Commit)} for c in commits]
+    def write_index(self, commits: Iterable[Commit], manifest_version: str | None = None, digest: str = "") -> None:
+        """Records every commit whose version is known, and what the manifest (of `manifest_version`) was built
+        from; without them, a checkpoint: what a rerun after a crash need not read again."""
+        rows = [{f.name: getattr(c, f.name) for f in fields(Commit)} for c in commits if c.version is not None]
         schema = pa.schema([("shard_id", pa.string()), ("url", pa.string()), ("array_name", pa.string()),
                             ("part", pa.string()), ("complete", pa.bool_()), ("samples_read", pa.int64()),
                             ("ok", pa.int64()), ("errors", pa.int64()), ("shard_error", pa.string()),

@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["JobFailed", "RunSummary", "run_job"]
 
+CHECKPOINT_EVERY_S = 60.0  # how often the commit index is written while shards complete
+
 
 @dataclass
 class RunSummary:
@@ -210,9 +212,15 @@ def execute(run: PreparedRun, summary: RunSummary) -> dict:
         scheduler = ShardScheduler(run.pending, len(actors), config.max_attempts, config.max_actor_restarts,
                                    run.budget)
 
+        commit_log, checkpointed = CommitLog(run.store), time.monotonic()
+
         def on_result(result: ShardResult) -> None:
+            nonlocal checkpointed
             run.lease.check()
-            run.commits[result.shard_id] = Commit.from_record(result.commit)
+            run.commits[result.shard_id] = Commit.from_record(result.commit, result.commit_version)
+            if time.monotonic() - checkpointed >= CHECKPOINT_EVERY_S:  # a crash now costs a rerun few reads
+                commit_log.write_index(run.commits.values())
+                checkpointed = time.monotonic()
             if result.shard_error:
                 summary.shard_errors[result.url] = result.shard_error
                 log.warning("shard %s: %s", result.url, result.shard_error)

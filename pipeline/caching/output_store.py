@@ -20,12 +20,13 @@ the commit record: no reads, listings or existence checks.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
 import os
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -75,6 +76,12 @@ def tile_size(length: int) -> int:
     return length
 
 
+def version_of(info: Mapping) -> str | None:
+    """An object's version from a listing entry or a write's answer: its ETag; None where storage has none."""
+    tag = info.get("ETag") or info.get("etag")
+    return str(tag).strip('"') if tag else None
+
+
 def zarr_store(url: str, storage_options: Mapping[str, Any] | None = None, read_only: bool = False):
     """A zarr v3 store for a local path or fsspec URL."""
     if protocol_of(url) == "file":
@@ -84,8 +91,9 @@ def zarr_store(url: str, storage_options: Mapping[str, Any] | None = None, read_
                                              read_only=read_only)
 
 
-def array_metadata(spec: "ArraySpec", count: int, fill_value: Any, attributes: Mapping[str, Any]) -> bytes:
-    """The zarr.json of a (count, *sample_shape) array, built in memory (no storage round trip).
+@functools.lru_cache(maxsize=64)
+def _metadata_template(spec: "ArraySpec", fill_value: Any) -> dict:
+    """Zarr's own zarr.json for arrays of `spec` (one per sample kind and job: built once per process).
 
     Each sample is one storage object (a Zarr shard, so one GET reads it whole); (C, H, W) maps are split
     inside it into spatial tiles, so a crop fetches only the tiles it covers.
@@ -97,10 +105,16 @@ def array_metadata(spec: "ArraySpec", count: int, fill_value: Any, attributes: M
     else:
         chunks, shards = per_sample, None
     documents: dict = {}
-    zarr.create_array(zarr.storage.MemoryStore(documents), shape=(count, *spec.sample_shape), chunks=chunks,
-                      shards=shards, dtype=spec.dtype, compressors=[compressor()], fill_value=fill_value,
-                      attributes={"featup": dict(attributes)})
-    return documents["zarr.json"].to_bytes()
+    zarr.create_array(zarr.storage.MemoryStore(documents), shape=per_sample, chunks=chunks, shards=shards,
+                      dtype=spec.dtype, compressors=[compressor()], fill_value=fill_value)
+    return json.loads(documents["zarr.json"].to_bytes())
+
+
+def array_metadata(spec: "ArraySpec", count: int, fill_value: Any, attributes: Mapping[str, Any]) -> bytes:
+    """The zarr.json of a (count, *sample_shape) array with `attributes` under "featup" (no storage round trip)."""
+    document = {**_metadata_template(spec, fill_value), "shape": [count, *spec.sample_shape],
+                "attributes": {"featup": dict(attributes)}}
+    return json.dumps(document, indent=2).encode()
 
 
 class StagedArray:
@@ -162,8 +176,9 @@ class OutputStore:
         return join(self.url, *parts)
 
     # -- small files ---------------------------------------------------------------------------------------
-    def put_bytes(self, rel: str, data: bytes) -> None:
-        """Writes a whole object atomically (a local temp file renamed into place; one PUT on object storage)."""
+    def put_bytes(self, rel: str, data: bytes) -> str | None:
+        """Writes a whole object atomically (a local temp file renamed into place; one PUT on object storage);
+        returns its storage version (the ETag) where the storage answers one."""
         path = self.path(rel)
         if protocol_of(self.url) == "file":
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -173,15 +188,17 @@ class OutputStore:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        else:
-            self.fs.pipe_file(path, data)
+            return None
+        answer = self.fs.pipe_file(path, data)
+        return version_of(answer) if isinstance(answer, Mapping) else None
 
-    def put_many(self, objects: Mapping[str, bytes], durable: bool = True) -> None:
-        """Writes several whole objects ({relative path: bytes}); on object storage concurrently. Locally,
-        `durable=False` writes in place without syncing (array objects: only a commit makes them count)."""
+    def put_many(self, objects: Mapping[str, bytes], durable: bool | Collection[str] = True) -> None:
+        """Writes several whole objects ({relative path: bytes}); on object storage concurrently. Locally, those
+        not `durable` (all when True) are written in place without syncing (array objects and their
+        metadata: only a commit makes them count)."""
         if protocol_of(self.url) == "file":
             for rel, data in objects.items():
-                if durable:
+                if durable is True or (durable is not False and rel in durable):
                     self.put_bytes(rel, data)
                 else:
                     path = self.path(rel)
@@ -197,8 +214,8 @@ class OutputStore:
         except FileNotFoundError:
             return None
 
-    def put_json(self, rel: str, obj: Any) -> None:
-        self.put_bytes(rel, json.dumps(obj, indent=1, sort_keys=True, default=str).encode())
+    def put_json(self, rel: str, obj: Any) -> str | None:
+        return self.put_bytes(rel, json.dumps(obj, indent=1, sort_keys=True, default=str).encode())
 
     def exists(self, rel: str = "") -> bool:
         return self.fs.exists(self.path(rel) if rel else self.root)
@@ -257,16 +274,18 @@ class OutputStore:
     def open_array(self, array_path: str) -> zarr.Array:
         return zarr.open_array(zarr_store(self.url_of(array_path), self.storage_options, read_only=True), mode="r")
 
-    def write_part(self, name: str, table: pa.Table) -> str:
+    def write_part(self, name: str, table: pa.Table, alongside: Mapping[str, bytes] | None = None) -> str:
+        """Writes an attempt's manifest part, and with it (concurrently on object storage) `alongside`, e.g. its
+        arrays' metadata; returns the part's relative path."""
         rel = f"{PIPELINE_DIR}/parts/{name}.parquet"
         buf = io.BytesIO()
         pq.write_table(table, buf)
-        self.put_bytes(rel, buf.getvalue())
+        self.put_many({**(alongside or {}), rel: buf.getvalue()}, durable={rel})
         return rel
 
-    def commit(self, shard_id: str, record: Mapping[str, Any]) -> None:
-        """Marks a shard done. Written last, after its arrays and manifest part."""
-        self.put_json(f"{PIPELINE_DIR}/commits/{shard_id}.json", dict(record))
+    def commit(self, shard_id: str, record: Mapping[str, Any]) -> str | None:
+        """Marks a shard done. Written last, after its arrays and manifest part; returns the record's version."""
+        return self.put_json(f"{PIPELINE_DIR}/commits/{shard_id}.json", dict(record))
 
     def cat_many(self, paths: Sequence[str], batch: int) -> Iterator[tuple[str, bytes | BaseException]]:
         """(path, content or the error reading it) for whole objects at filesystem paths, in order; fetched

@@ -72,6 +72,7 @@ class ShardResult:
     compute_seconds: float = 0.0
     bytes_written: int = 0
     commit: dict = field(default_factory=dict)
+    commit_version: str | None = None  # the commit record's storage version (ETag), where storage gives one
 
 
 @dataclass
@@ -150,8 +151,8 @@ class _Stream:
 class _Writer:
     """The only writer of one shard attempt's arrays; runs in its own thread behind a small queue.
 
-    Per sample and array one storage write; each array's metadata is stored once, at `finish`, with the
-    final count (see `StagedArray`).
+    Per sample and array one storage write; `finish` gives each array's metadata with the final count, stored
+    once, together with the manifest part (see `StagedArray`).
     """
 
     def __init__(self, store: OutputStore, name: str, specs: list[ArraySpec], capacity: int, source: str,
@@ -187,8 +188,8 @@ class _Writer:
             raise self.failure
         self.jobs.put(batch)
 
-    def finish(self, keys: list[str]) -> None:
-        """Waits for pending writes, then stores each array's metadata: the rows written and their keys."""
+    def finish(self, keys: list[str]) -> dict[str, bytes]:
+        """Waits for pending writes; returns each array's metadata (the rows written and their keys) to store."""
         self.jobs.put(_END)
         self.thread.join()
         if self.failure is not None:
@@ -197,7 +198,7 @@ class _Writer:
         for group, array in self.arrays.items():
             documents.update(array.metadata(self.rows, {"shard": self.source, "storage": self.preset, "role": group,
                                                         "keys": keys}))
-        self.store.put_many(documents, durable=False)
+        return documents
 
     def abort(self) -> None:
         self.jobs.put(_END)
@@ -399,7 +400,7 @@ class ShardProcessor:
                 if len(batch) >= cfg.batch_size:
                     flush()
             flush()
-            writer.finish(keys)
+            metadata = writer.finish(keys)
         except BaseException:
             stream.close()
             writer.abort()
@@ -418,7 +419,7 @@ class ShardProcessor:
                                   f"the tar holds {result.samples_read}")
         result.ok = len(keys)
         result.errors = len(rows) - len(keys)
-        part = self.store.write_part(name, manifest.to_table(rows))
+        part = self.store.write_part(name, manifest.to_table(rows), alongside=metadata)  # before the commit
         result.seconds = time.perf_counter() - t0
         result.commit = {
             "shard_id": shard.shard_id, "url": shard.url, "attempt": task.attempt, "complete": result.complete,
@@ -429,5 +430,5 @@ class ShardProcessor:
             "seconds": round(result.seconds, 3), "compute_seconds": round(result.compute_seconds, 3),
             "bytes_uncompressed": result.bytes_written, "started_at": started_at, "committed_at": time.time(),
         }
-        self.store.commit(shard.shard_id, result.commit)
+        result.commit_version = self.store.commit(shard.shard_id, result.commit)
         return result
