@@ -153,7 +153,8 @@ def child_reader(args: argparse.Namespace) -> dict:
                                          multiprocessing_context="fork", persistent_workers=True)
     start = time.perf_counter()
     batches = sum(1 for _ in loader)
-    out["reader_workers"] = {"samples": len(readable), "batches": batches, "seconds": round(time.perf_counter() - start, 3),
+    out["reader_workers"] = {"samples": len(readable), "batches": batches,
+                             "seconds": round(time.perf_counter() - start, 3),
                              "memory": _uss_pss([w.pid for w in loader._iterator._workers])}
     out["peak_rss_mb"] = _mb(harness.peak_rss())
     return out
@@ -171,7 +172,8 @@ def _tiny_samples(n_shards: int, offset: int = 0):
     for i in range(2 * n_shards):
         base = bases[i % len(bases)]
         y, x = (7 * i) % 100, (13 * i) % 100
-        yield {"__key__": f"img{offset + i:07d}", "jpg": encode(np.ascontiguousarray(base[y:y + IMAGE_PX, x:x + IMAGE_PX]))}
+        crop = np.ascontiguousarray(base[y:y + IMAGE_PX, x:x + IMAGE_PX])
+        yield {"__key__": f"img{offset + i:07d}", "jpg": encode(crop)}
 
 
 def _write_inputs(fs, folder: str, n_shards: int) -> str:

@@ -10,7 +10,8 @@ import pytest
 from pipeline.reading import key_index
 from pipeline.reading.key_index import DuplicateKeyError, KeyIndex, hash_key, hash_keys
 
-KEYS = ["", "a", "abcdefg", "abcdefgh", "abcdefghi", "000000139", "ünïcødé 日本語", "x" * 33, "shard-000012/img_0004"]
+KEYS = ["", "a", "abcdefg", "abcdefgh", "abcdefghi", "000000139", "ünïcødé 日本語", "x" * 33,
+        "shard-000012/img_0004"]
 
 
 def reference_hash(key: str, seed: int) -> int:

@@ -77,7 +77,7 @@ class PreparedRun:
     shards: list[Shard]
     identity: dict
     model_info: dict
-    index: CommitIndex  # what the last finished run recorded
+    index: CommitIndex  # as found: written by the last run's end, or by its last checkpoint
     commits: dict[str, Commit]  # shard_id -> its commit, kept up to date as workers report
     done: set[str]
     pending: list[Shard]
@@ -243,8 +243,8 @@ def _read_parts(store: OutputStore, committed: list[Commit]):
     """The manifest parts of `committed`, in order, fetched concurrently a batch at a time."""
     for path, data in store.cat_many([store.path(c.part) for c in committed], READ_BATCH):
         if isinstance(data, BaseException):
-            raise RuntimeError(f"the manifest part {path} of a committed shard cannot be read ({data}); the "
-                               "output is damaged: rerun with --overwrite") from data
+            raise RuntimeError(f"the manifest part {path} of a committed shard cannot be read ({data}): delete "
+                               "that shard's record under _pipeline/commits/ to have it redone") from data
         yield pq.read_table(pa.BufferReader(data))
 
 
@@ -267,7 +267,8 @@ def finalize(run: PreparedRun, summary: RunSummary, preset_info: dict) -> RunSum
     if current:
         log.info("the manifest already covers the %d committed shards", len(committed))
     else:
-        store.put_bytes(MANIFEST_NAME, manifest.assemble(_read_parts(store, committed)).to_pybytes())
+        manifest_version = store.put_bytes(MANIFEST_NAME,
+                                           manifest.assemble(_read_parts(store, committed)).to_pybytes())
     manifest_seconds = time.perf_counter() - clock
     for c in committed:
         if c.shard_error:
@@ -282,7 +283,7 @@ def finalize(run: PreparedRun, summary: RunSummary, preset_info: dict) -> RunSum
                                                 [c.part for c in commits.values()])
             if removed:
                 log.info("removed %d leftover objects of failed attempts", removed)
-        commit_log.write_index(commits.values(), commit_log.manifest_version(), digest)
+        commit_log.write_index(commits.values(), manifest_version, digest)
     summary.seconds = time.perf_counter() - run.clock
     summary.run = {
         "settings": run.identity, "model": run.model_info,

@@ -103,7 +103,8 @@ def _hash_chunk(keys: pa.Array, seed_word: np.uint64, out: np.ndarray) -> None:
             if k < shortest:  # every key has bytes in this word: no selection
                 word = words[starts + k]
                 if k + 8 > shortest:  # some keys end inside it: keep only their bytes
-                    word &= _TAIL_MASKS[shortest - k] if shortest == longest else _TAIL_MASKS[np.minimum(lengths - k, 8)]
+                    tail = shortest - k if shortest == longest else np.minimum(lengths - k, 8)
+                    word &= _TAIL_MASKS[tail]
                 h ^= word
                 h += np.uint64(GOLDEN)
                 _mix(h)
