@@ -157,6 +157,7 @@ def test_resume_reads_nothing_per_shard_and_still_sees_changed_commits(ray_local
 
 def test_manifest_is_streamed_in_row_groups(monkeypatch):
     monkeypatch.setattr(manifest, "ROW_GROUP_ROWS", 5)
+    monkeypatch.setattr(manifest, "COMPACT_EVERY", 2)
     parts = [manifest.to_table([manifest.error_row(f"k{s}-{i}", f"s{s}", f"/s{s}.tar", i, "x") for i in range(n)])
              for s, n in enumerate([3, 4, 0, 9, 1])]
     table = pq.read_table(pa.BufferReader(manifest.assemble(parts)))

@@ -85,6 +85,8 @@ class CommitLog:
             entries = self.store.fs.ls(folder, detail=True, refresh=True)
         except FileNotFoundError:
             return {}
+        finally:
+            self.store.fs.invalidate_cache(folder)  # fsspec would keep the listing: memory per shard
         out = {}
         for entry in entries:
             name = entry["name"].rstrip("/").rsplit("/", 1)[-1]

@@ -64,6 +64,7 @@ def to_table(rows: Sequence[dict]) -> pa.Table:
 
 
 ROW_GROUP_ROWS = 65_536  # manifest rows per Parquet row group: a reader fetching one row reads this many
+COMPACT_EVERY = 256  # parts gathered for a row group are joined into one table this often
 
 
 def assemble(parts: Iterable[pa.Table]) -> pa.Buffer:
@@ -76,6 +77,8 @@ def assemble(parts: Iterable[pa.Table]) -> pa.Buffer:
         for part in parts:
             pending.append(part.select(SCHEMA.names).cast(SCHEMA))
             rows += part.num_rows
+            if len(pending) >= COMPACT_EVERY:  # many small parts: hold their rows, not a table object each
+                pending = [pa.concat_tables(pending).combine_chunks()]
             if rows >= ROW_GROUP_ROWS:
                 table = pa.concat_tables(pending)
                 whole = rows - rows % ROW_GROUP_ROWS

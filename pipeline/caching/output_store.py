@@ -336,3 +336,5 @@ class OutputStore:
             return self.fs.ls(folder, detail=False, refresh=True)
         except FileNotFoundError:
             return []
+        finally:
+            self.fs.invalidate_cache(folder)  # fsspec would keep the listing: memory per shard

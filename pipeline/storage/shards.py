@@ -137,10 +137,13 @@ def _existing(urls: Sequence[str], options: Mapping[str, Any] | None) -> dict[st
     for members in by_folder.values():
         fs, first = filesystem(members[0], options)
         if len(members) >= LIST_FOLDER_FROM:
+            folder = first.rsplit("/", 1)[0]
             try:
-                listing = {e["name"].rstrip("/"): e for e in fs.ls(first.rsplit("/", 1)[0], detail=True)}
+                listing = {e["name"].rstrip("/"): e for e in fs.ls(folder, detail=True, refresh=True)}
             except FileNotFoundError:
                 listing = {}
+            finally:
+                fs.invalidate_cache(folder)  # fsspec would keep the listing: memory per shard
             for url in members:
                 entry = listing.get(filesystem(url, options)[1].rstrip("/"))
                 if entry is not None and entry.get("type") == "file":
