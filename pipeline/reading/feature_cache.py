@@ -40,7 +40,7 @@ from pipeline.caching.output_store import (
 )
 from pipeline.caching.presets import Preset, pca_components
 from pipeline.options import ConfigError
-from pipeline.reading.key_index import DuplicateKeyError, KeyIndex, below_fraction, hash_keys
+from pipeline.reading.key_index import DuplicateKeyError, KeyIndex, KeySelection, below_fraction, hash_keys
 from pipeline.storage.filesystems import protocol_of
 
 Crop = tuple[int, int, int, int]  # top, left, height, width in high-res feature pixels
@@ -48,8 +48,6 @@ IGNORE_LABEL = 255
 # What opening a cache reads of the manifest; the rest is read when asked for (row, errors, manifest).
 INDEX_COLUMNS = ("key", "status", "features_array", "lowres_array", "labels_array", "index")
 PATH_COLUMNS = ("status", "features_array", "lowres_array", "labels_array")  # few distinct values: dictionaries
-_ITER_BLOCK = 1 << 16
-
 
 _NULLS = object()  # what _constant says of a column with no value at all
 
@@ -99,55 +97,6 @@ def split_keys(keys: Sequence[str], val_fraction: float = 0.2, seed: int = 0) ->
     keys = list(keys)
     to_val = below_fraction(hash_keys(keys, seed), val_fraction)
     return [k for k, v in zip(keys, to_val) if not v], [k for k, v in zip(keys, to_val) if v]
-
-
-class KeySelection(Sequence[str]):
-    """Keys of one cache chosen by position (what `FeatureCache.split` returns): a sequence of str that
-    holds only a numpy array of positions. `list(selection)` makes a list; `positions` gives the positions."""
-
-    def __init__(self, index: KeyIndex, positions: np.ndarray):
-        self.index = index  # the cache's keys, shared, never copied
-        self.positions = np.asarray(positions, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.positions)
-
-    def __getitem__(self, item):
-        if isinstance(item, slice):
-            return KeySelection(self.index, self.positions[item])
-        return self.index.key_at(self.positions[item])
-
-    def __iter__(self) -> Iterator[str]:
-        for start in range(0, len(self.positions), _ITER_BLOCK):
-            yield from self.index.take(self.positions[start: start + _ITER_BLOCK]).to_pylist()
-
-    def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and bool(np.isin(self.positions, self.index.find(key)).any())
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, KeySelection) and other.index is self.index:
-            return np.array_equal(self.positions, other.positions)
-        if isinstance(other, Sequence) and not isinstance(other, str):
-            return len(other) == len(self) and list(self) == list(other)
-        return NotImplemented
-
-    __hash__ = None  # list-like: compared by content, not hashable
-
-    def __add__(self, other: Sequence[str]) -> Sequence[str]:
-        if isinstance(other, KeySelection) and other.index is self.index:
-            return KeySelection(self.index, np.concatenate([self.positions, other.positions]))
-        return list(self) + list(other)
-
-    def __radd__(self, other: Sequence[str]) -> list[str]:
-        return list(other) + list(self)
-
-    def to_arrow(self) -> pa.Array:
-        """The selected keys as an Arrow string array."""
-        return self.index.take(self.positions)
-
-    def __repr__(self) -> str:
-        head = ", ".join(repr(k) for k in self[:3])
-        return f"KeySelection([{head}{', ...' if len(self) > 3 else ''}], {len(self)} keys)"
 
 
 class FeatureCache(torch.utils.data.Dataset):

@@ -6,13 +6,14 @@ splitmix64's finaliser applied per little-endian 8-byte word, seeded, with the k
 fixed by its definition here, so it is the same on every machine and for every run. `KeyIndex` keeps
 the sorted hashes with the positions they came from (one numpy array) and finds a key in O(log n),
 checking candidates against the Arrow column itself, so a hash collision can never return a wrong row.
+`KeySelection` is a sequence of keys held as positions into an index (what a split of a cache is).
 Everything is plain numpy/Arrow memory: forked DataLoader workers share it copy-on-write.
 """
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -22,6 +23,7 @@ MASK64 = (1 << 64) - 1
 GOLDEN = 0x9E3779B97F4A7C15
 MIX1, MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 CHUNK = 1 << 16  # keys hashed per vectorised block: its temporaries stay in the CPU cache
+_ITER_BLOCK = 1 << 16  # keys made into Python strings at a time when a selection is iterated
 _TAIL_MASKS = np.array([(1 << (8 * r)) - 1 for r in range(8)] + [MASK64], dtype=np.uint64)
 
 
@@ -273,3 +275,52 @@ class KeyIndex:
             found = self.find(query[int(i)].as_py())
             out[i] = found[0] if len(found) == 1 else (-2 if len(found) > 1 else -1)
         return out
+
+
+class KeySelection(Sequence[str]):
+    """Keys of one cache chosen by position (what `FeatureCache.split` returns): a sequence of str that
+    holds only a numpy array of positions. `list(selection)` makes a list; `positions` gives the positions."""
+
+    def __init__(self, index: KeyIndex, positions: np.ndarray):
+        self.index = index  # the cache's keys, shared, never copied
+        self.positions = np.asarray(positions, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, item):
+        if isinstance(item, slice):
+            return KeySelection(self.index, self.positions[item])
+        return self.index.key_at(self.positions[item])
+
+    def __iter__(self) -> Iterator[str]:
+        for start in range(0, len(self.positions), _ITER_BLOCK):
+            yield from self.index.take(self.positions[start: start + _ITER_BLOCK]).to_pylist()
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and bool(np.isin(self.positions, self.index.find(key)).any())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, KeySelection) and other.index is self.index:
+            return np.array_equal(self.positions, other.positions)
+        if isinstance(other, Sequence) and not isinstance(other, str):
+            return len(other) == len(self) and list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # list-like: compared by content, not hashable
+
+    def __add__(self, other: Sequence[str]) -> Sequence[str]:
+        if isinstance(other, KeySelection) and other.index is self.index:
+            return KeySelection(self.index, np.concatenate([self.positions, other.positions]))
+        return list(self) + list(other)
+
+    def __radd__(self, other: Sequence[str]) -> list[str]:
+        return list(other) + list(self)
+
+    def to_arrow(self) -> pa.Array:
+        """The selected keys as an Arrow string array."""
+        return self.index.take(self.positions)
+
+    def __repr__(self) -> str:
+        head = ", ".join(repr(k) for k in self[:3])
+        return f"KeySelection([{head}{', ...' if len(self) > 3 else ''}], {len(self)} keys)"
