@@ -7,8 +7,10 @@ A local S3 server (moto on 127.0.0.1, in this process, counting every request by
 outputs; each measured run is a fresh child process (its peak RSS is its own), one actor, the weights-free
 `oracle` backbone at 32 px with bilinear upsampling, two tiny images per shard.
 
-(a) fixed cost per shard: two runs of N1 and N2 shards; the slope of wall time between them minus the
-    model time per shard (run.json compute_s); S3 requests per shard by kind (the slope of the counts).
+(a) fixed cost per shard: two runs of N1 and N2 shards; the steady-state wall time per shard of the larger
+    (from its shards' commit times, the first tenth left out) minus the model time per shard (run.json
+    compute_s); also the slope of wall time between the two runs (sensitive to start-up noise); S3 requests
+    per shard by kind (the slope of the counts between the runs).
 (b) resume with every shard committed at 100 / 1,000 / 10,000 shards. The committed state is synthesised:
     one real committed shard's objects (input tar, commit record, manifest part, arrays' zarr.json) copied
     under new shard names straight into the S3 server's store (chunks are left out: no bookkeeping step
@@ -312,29 +314,40 @@ def _per_shard(counts: dict[str, int], shards: int) -> dict[str, float]:
     return {k: round(v / shards, 2) for k, v in sorted(counts.items())}
 
 
+def _steady_state(fs, output: str, warmup: int) -> float:
+    """Seconds per shard once the run is under way: from the commit times of its shards, the first `warmup`
+    left out (Ray, the actor and the model starting are not per-shard costs)."""
+    folder = f"{output.removeprefix('s3://')}/_pipeline/commits"
+    times = sorted(json.loads(data)["committed_at"] for data in fs.cat(fs.ls(folder)).values())
+    return (times[-1] - times[warmup]) / (len(times) - 1 - warmup)
+
+
 def measure_fixed_cost(server, fs, env: dict, sizes: tuple[int, int]) -> dict:
     from tests.s3_request_counter import difference
 
     runs = []
     for n in sizes:
         pattern = _write_inputs(fs, f"fixed-{n}", n)
+        output = f"s3://{BUCKET_OUT}/fixed-{n}/out.zarr"
         before = server.counts()
-        result = _child("job", env, "--inputs", pattern, "--output", f"s3://{BUCKET_OUT}/fixed-{n}/out.zarr")
+        result = _child("job", env, "--inputs", pattern, "--output", output)
         result["requests"] = difference(server.counts(), before)
         result["shards"] = n
+        result["steady_state_ms_per_shard"] = round(1000 * _steady_state(fs, output, warmup=max(2, n // 10)), 1)
         runs.append(result)
-        print(f"  {n} shards: {result['wall_s']:.1f} s, compute {result['timings']['compute_s']:.2f} s, "
-              f"{sum(result['requests'].values())} requests", flush=True)
+        print(f"  {n} shards: {result['wall_s']:.1f} s, steady state {result['steady_state_ms_per_shard']} ms/shard, "
+              f"compute {result['timings']['compute_s']:.2f} s, {sum(result['requests'].values())} requests", flush=True)
     (a, b) = runs
     slope = (b["wall_s"] - a["wall_s"]) / (b["shards"] - a["shards"])
-    compute_per_shard = (b["timings"]["compute_s"] - a["timings"]["compute_s"]) / (b["shards"] - a["shards"])
+    compute_per_shard = b["timings"]["compute_s"] / b["shards"]
     diff = {k: b["requests"].get(k, 0) - a["requests"].get(k, 0) for k in set(a["requests"]) | set(b["requests"])}
     per_shard = _per_shard({k: v for k, v in diff.items() if v}, b["shards"] - a["shards"])
-    return {"runs": runs, "wall_per_shard_slope_ms": round(1000 * slope, 1),
-            "model_per_shard_ms": round(1000 * compute_per_shard, 1),
-            "fixed_cost_per_shard_ms": round(1000 * (slope - compute_per_shard), 1),
-            "fixed_cost_per_shard_ms_from_wall_over_n": round(1000 * (b["wall_s"] / b["shards"]
-                                                                      - b["timings"]["compute_s"] / b["shards"]), 1),
+    return {"runs": runs, "model_per_shard_ms": round(1000 * compute_per_shard, 1),
+            "fixed_cost_per_shard_ms": round(b["steady_state_ms_per_shard"] - 1000 * compute_per_shard, 1),
+            "fixed_cost_note": "steady-state wall time per shard of the larger run (from its shards' commit times, "
+                               "the first tenth left out) minus the model's time per shard; one actor, two shards "
+                               "in flight",
+            "wall_per_shard_slope_ms": round(1000 * slope, 1),
             "requests_per_shard": per_shard, "requests_per_shard_total": round(sum(per_shard.values()), 2)}
 
 
