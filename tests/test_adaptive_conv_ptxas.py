@@ -11,7 +11,6 @@ import subprocess
 import sysconfig
 from pathlib import Path
 
-import pytest
 
 from .conftest import ROOT, requires_nvcc
 

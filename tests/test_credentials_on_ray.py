@@ -12,7 +12,6 @@ the output objects, the job's output or Ray Train's storage path.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import subprocess
 import sys

@@ -325,7 +325,7 @@ def test_presets_round_trip_within_their_bound(preset_caches, preset):
     elif preset == "int8":
         keys = sorted(cache.keys())
         for i, key in enumerate(keys):
-            name, row = cache._names[cache.position(key)], cache._rows[cache.position(key)]
+            name, row = cache.location(key)
             scale = np.asarray(cache._array("scale", name)[row])
             assert (err[i] <= scale[:, None, None] / 2 + 1e-6).all()
     else:  # pca: exactly the projection of the float32 features, up to float16 coefficients

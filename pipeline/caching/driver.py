@@ -14,8 +14,10 @@ import time
 from dataclasses import dataclass, field
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline.caching import manifest
+from pipeline.caching.commit_log import READ_BATCH, Commit, CommitIndex, CommitLog, manifest_digest
 from pipeline.caching.job_config import JobConfig
 from pipeline.caching.lease import OutputLease
 from pipeline.caching.output_store import (
@@ -42,6 +44,8 @@ from pipeline.storage.shards import Shard, resolve_shards
 log = logging.getLogger(__name__)
 
 __all__ = ["JobFailed", "RunSummary", "run_job"]
+
+CHECKPOINT_EVERY_S = 60.0  # how often the commit index is written while shards complete
 
 
 @dataclass
@@ -76,6 +80,8 @@ class PreparedRun:
     shards: list[Shard]
     identity: dict
     model_info: dict
+    index: CommitIndex  # as found: written by the last run's end, or by its last checkpoint
+    commits: dict[str, Commit]  # shard_id -> its commit, kept up to date as workers report
     done: set[str]
     pending: list[Shard]
     budget: int | None  # samples still allowed by --limit
@@ -180,17 +186,19 @@ def prepare(config: JobConfig) -> PreparedRun:
         if config.storage_preset == "lowres" and config.upsampler == "jbu":
             _store_upsampler(model, store)
         del model
-        commits = store.commits()
+        commit_log = CommitLog(store)
+        index = commit_log.read_index() if resumed else CommitIndex({})
+        commits = commit_log.scan(index.commits) if resumed else {}
     except BaseException:
         lease.release()
         raise
-    done = {s.shard_id for s in shards if commits.get(s.shard_id, {}).get("complete")}
+    done = {s.shard_id for s in shards if s.shard_id in commits and commits[s.shard_id].complete}
     if resumed:
         log.info("resuming: %d of %d shards are already committed and will be skipped", len(done), len(shards))
     budget = None
     if config.limit is not None:
-        budget = config.limit - sum(commits[s]["samples_read"] for s in done)
-    return PreparedRun(config, store, lease, shards, identity, model_info, done,
+        budget = config.limit - sum(commits[s].samples_read for s in done)
+    return PreparedRun(config, store, lease, shards, identity, model_info, index, commits, done,
                        [s for s in shards if s.shard_id not in done], budget)
 
 
@@ -208,8 +216,15 @@ def execute(run: PreparedRun, summary: RunSummary) -> dict:
         scheduler = ShardScheduler(run.pending, len(actors), config.max_attempts, config.max_actor_restarts,
                                    run.budget, storage_patience=config.storage_patience)
 
+        commit_log, checkpointed = CommitLog(run.store), time.monotonic()
+
         def on_result(result: ShardResult) -> None:
+            nonlocal checkpointed
             run.lease.check()
+            run.commits[result.shard_id] = Commit.from_record(result.commit, result.commit_version)
+            if time.monotonic() - checkpointed >= CHECKPOINT_EVERY_S:  # a crash now costs a rerun few reads
+                commit_log.write_index(run.commits.values())
+                checkpointed = time.monotonic()
             if result.shard_error:
                 summary.shard_errors[result.url] = result.shard_error
                 log.warning("shard %s: %s", result.url, result.shard_error)
@@ -247,30 +262,52 @@ def _retry_counts(of_execute: dict) -> dict:
     driver = RETRIES.take_all()
     return {"request_retries": shards + driver, "request_retries_shards": shards, "request_retries_driver": driver,
             "shard_retries": of_execute.get("shard_retries", 0), "storage_waits": of_execute.get("storage_waits", 0)}
+def _read_parts(store: OutputStore, committed: list[Commit]):
+    """The manifest parts of `committed`, in order, fetched concurrently a batch at a time."""
+    for path, data in store.cat_many([store.path(c.part) for c in committed], READ_BATCH):
+        if isinstance(data, BaseException):
+            raise RuntimeError(f"the manifest part {path} of a committed shard cannot be read ({data}): delete "
+                               "that shard's record under _pipeline/commits/ to have it redone") from data
+        yield pq.read_table(pa.BufferReader(data))
 
 
 def finalize(run: PreparedRun, summary: RunSummary, preset_info: dict) -> RunSummary:
-    """Assembles the manifest from the committed shards, writes run.json, removes leftovers, renders previews."""
+    """Assembles the manifest from the committed shards, writes run.json, removes leftovers, renders previews.
+
+    A rerun with nothing left to do keeps a manifest that already covers exactly the committed shards (and
+    the clean-up that followed it): the commit index says what it was built from.
+    """
     config, store, shards = run.config, run.store, run.shards
     run.lease.check()
-    commits = store.commits()
+    commit_log = CommitLog(store)
+    # after work, list again: catches commits whose worker's answer was lost (nothing else writes: the lease)
+    commits = commit_log.scan(run.commits) if run.pending else run.commits
     committed = [commits[s.shard_id] for s in shards if s.shard_id in commits]
-    tables = [store.read_part(c["part"]) for c in committed]
-    table = pa.concat_tables(tables) if tables else manifest.to_table([])
-    store.write_manifest(table)
+    digest = manifest_digest(committed)
+    clock = time.perf_counter()
+    current = (not run.pending and run.index.manifest_digest == digest and run.index.manifest_version is not None
+               and commit_log.manifest_version() == run.index.manifest_version)
+    if current:
+        log.info("the manifest already covers the %d committed shards", len(committed))
+    else:
+        manifest_version = store.put_bytes(MANIFEST_NAME,
+                                           manifest.assemble(_read_parts(store, committed)).to_pybytes())
+    manifest_seconds = time.perf_counter() - clock
     for c in committed:
-        if c.get("shard_error"):
-            summary.shard_errors[c["url"]] = c["shard_error"]
-    statuses = table.column("status").to_pylist()
-    summary.ok = statuses.count("ok")
-    summary.errors = statuses.count("error")
-    summary.samples_read = len(statuses)
+        if c.shard_error:
+            summary.shard_errors[c.url] = c.shard_error
+    summary.ok = sum(c.ok for c in committed)
+    summary.errors = sum(c.errors for c in committed)
+    summary.samples_read = summary.ok + summary.errors
     summary.shards_done = len(committed)
+    if not current:
+        if not summary.shards_failed:  # arrays and parts of every commit stay, inputs of this run or not
+            removed = store.remove_unreferenced([c.array_name for c in commits.values()],
+                                                [c.part for c in commits.values()])
+            if removed:
+                log.info("removed %d leftover objects of failed attempts", removed)
+        commit_log.write_index(commits.values(), manifest_version, digest)
     summary.seconds = time.perf_counter() - run.clock
-    if not summary.shards_failed:
-        removed = store.remove_unreferenced([c["array_name"] for c in committed], [c["part"] for c in committed])
-        if removed:
-            log.info("removed %d leftover objects of failed attempts", removed)
     summary.run = {
         "settings": run.identity, "model": run.model_info,
         "storage": {"preset": config.storage_preset, **preset_info,
@@ -283,7 +320,8 @@ def finalize(run: PreparedRun, summary: RunSummary, preset_info: dict) -> RunSum
         "shard_errors": summary.shard_errors, "failed_shards": summary.shards_failed,
         "timings": {"started": run.started, "finished": time.time(), "elapsed_s": round(summary.seconds, 3),
                     "images_per_s": round(summary.images_per_second, 3),
-                    "compute_s": round(sum(c.get("compute_seconds", 0) for c in committed), 3)},
+                    "compute_s": round(sum(c.compute_seconds for c in committed), 3),
+                    "manifest_s": round(manifest_seconds, 3)},
         "manifest": MANIFEST_NAME,
     }
     store.put_json(RUN_NAME, summary.run)

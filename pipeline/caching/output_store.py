@@ -6,23 +6,28 @@ Layout of <output>/:
     _pipeline/job.json                 the settings this store was started with (a rerun must match them)
     _pipeline/parts/<array>.parquet    manifest rows of one shard attempt
     _pipeline/commits/<shard>.json     written LAST: the shard is done; names its arrays and part
+    _pipeline/commit_index.parquet     every commit record and its version, as of the last finished run
+                                       (so a rerun need not read them one by one; see commit_log.py)
     labels/, image/, scale/, offset/   per-sample labels and preset-specific arrays (see pipeline/presets.py)
     pca/, upsampler.safetensors        dataset-level parts of the pca<k> and lowres presets
     manifest.parquet, run.json         written at the end of a run from the committed shards
 
 Exactly one task writes each array (the attempt token is in its name), so zarr's whole-object rewrites
-never race; a shard's outputs only count once its commit record exists.
+never race; a shard's outputs only count once its commit record exists. Per shard a worker makes one
+write per sample and array, one per array's zarr.json (stored once, with the final count), the part and
+the commit record: no reads, listings or existence checks.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
 import os
 import uuid
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -31,6 +36,7 @@ import pyarrow.parquet as pq
 import zarr
 from zarr.codecs import BloscCodec
 
+from pipeline.caching.presets import IMAGE_VLEN
 from pipeline.options import ConfigError
 from pipeline.storage.filesystems import filesystem, join, protocol_of, resolve_options
 
@@ -78,6 +84,12 @@ def tile_size(length: int) -> int:
     return length
 
 
+def version_of(info: Mapping) -> str | None:
+    """An object's version from a listing entry or a write's answer: its ETag; None where storage has none."""
+    tag = info.get("ETag") or info.get("etag")
+    return str(tag).strip('"') if tag else None
+
+
 def zarr_store(url: str, storage_options: Mapping[str, Any] | None = None, read_only: bool = False):
     """A zarr v3 store for a local path or fsspec URL."""
     if protocol_of(url) == "file":
@@ -85,6 +97,75 @@ def zarr_store(url: str, storage_options: Mapping[str, Any] | None = None, read_
         return zarr.storage.LocalStore(path, read_only=read_only)
     return zarr.storage.FsspecStore.from_url(url, storage_options=resolve_options(url, storage_options),
                                              read_only=read_only)
+
+
+@functools.lru_cache(maxsize=64)
+def _metadata_template(sample_shape: tuple[int, ...], dtype: str, spatial: bool, fill_value: Any) -> dict:
+    """Zarr's own zarr.json for arrays of one sample kind (built once per process and kind).
+
+    Each sample is one storage object: (C, H, W) maps of several tiles are a Zarr shard split inside into
+    spatial tiles, so a crop fetches only the tiles it covers; maps of one tile and vectors are a plain chunk.
+    Encoded files (variable-length bytes) get no further compressor.
+    """
+    per_sample = (1, *sample_shape)
+    h, w = sample_shape[-2:] if spatial and len(sample_shape) >= 2 else (0, 0)
+    if (tile_size(h), tile_size(w)) != (h, w):
+        chunks, shards = (1, *sample_shape[:-2], tile_size(h), tile_size(w)), per_sample
+    else:
+        chunks, shards = per_sample, None
+    files = dtype == IMAGE_VLEN
+    documents: dict = {}
+    zarr.create_array(zarr.storage.MemoryStore(documents), shape=per_sample, chunks=chunks, shards=shards,
+                      dtype=dtype, compressors=None if files else [compressor()],
+                      fill_value=b"" if files else fill_value)
+    return json.loads(documents["zarr.json"].to_bytes())
+
+
+def array_metadata(spec: "ArraySpec", count: int, fill_value: Any, attributes: Mapping[str, Any]) -> bytes:
+    """The zarr.json of a (count, *sample_shape) array with `attributes` and the spec's own under "featup"
+    (no storage round trip)."""
+    template = _metadata_template(tuple(spec.sample_shape), spec.dtype, spec.spatial, fill_value)
+    document = {**template, "shape": [count, *spec.sample_shape],
+                "attributes": {"featup": {**dict(attributes), **dict(spec.attributes)}}}
+    return json.dumps(document, indent=2).encode()
+
+
+class StagedArray:
+    """One shard attempt's (capacity, *sample_shape) array at <group>/<name>, written by its caller alone.
+
+    Samples are encoded in memory and handed back as objects to store, one per sample; the metadata is
+    stored once, at the end, with the final count. (Zarr writing to storage itself would first read each
+    shard it replaces: two more requests per sample.) A sample's object name does not depend on the
+    count, so the capacity grows in memory without touching what is stored.
+    """
+
+    def __init__(self, group: str, name: str, spec: "ArraySpec", fill_value: Any, capacity: int):
+        self.path, self.spec, self.fill_value = f"{group}/{name}", spec, fill_value
+        self._objects: dict = {}
+        self._resize(max(capacity, 1))
+
+    def _resize(self, capacity: int) -> None:
+        metadata = json.loads(array_metadata(self.spec, capacity, self.fill_value, {}))
+        memory = zarr.storage.StorePath(zarr.storage.MemoryStore(self._objects))
+        # every sample is stored, even one equal to the fill value (zarr would otherwise delete its object)
+        self.array = zarr.Array.from_dict(memory, metadata).with_config({"write_empty_chunks": True})
+        self.capacity = capacity
+
+    def encode(self, start: int, data: np.ndarray) -> dict[str, bytes]:
+        """Samples start, start+1, ... -> {relative path: object bytes} to store."""
+        if start + len(data) > self.capacity:
+            capacity = self.capacity
+            while capacity < start + len(data):
+                capacity *= 2
+            self._resize(capacity)
+        self.array[start: start + len(data)] = data
+        out = {f"{self.path}/{key}": buffer.to_bytes() for key, buffer in self._objects.items()}
+        self._objects.clear()
+        return out
+
+    def metadata(self, rows: int, attributes: Mapping[str, Any]) -> dict[str, bytes]:
+        """{relative path: zarr.json} for the array of `rows` samples, with `attributes` under "featup"."""
+        return {f"{self.path}/zarr.json": array_metadata(self.spec, rows, self.fill_value, attributes)}
 
 
 class OutputStore:
@@ -108,8 +189,9 @@ class OutputStore:
         return join(self.url, *parts)
 
     # -- small files ---------------------------------------------------------------------------------------
-    def put_bytes(self, rel: str, data: bytes) -> None:
-        """Writes a whole object atomically (a local temp file renamed into place; one PUT on object storage)."""
+    def put_bytes(self, rel: str, data: bytes) -> str | None:
+        """Writes a whole object atomically (a local temp file renamed into place; one PUT on object storage);
+        returns its storage version (the ETag) where the storage answers one."""
         path = self.path(rel)
         if protocol_of(self.url) == "file":
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -119,8 +201,25 @@ class OutputStore:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        else:
-            self.fs.pipe_file(path, data)
+            return None
+        answer = self.fs.pipe_file(path, data)
+        return version_of(answer) if isinstance(answer, Mapping) else None
+
+    def put_many(self, objects: Mapping[str, bytes], durable: bool | Collection[str] = True) -> None:
+        """Writes several whole objects ({relative path: bytes}); on object storage concurrently. Locally, those
+        not `durable` (all when True) are written in place without syncing (array objects and their
+        metadata: only a commit makes them count)."""
+        if protocol_of(self.url) == "file":
+            for rel, data in objects.items():
+                if durable is True or (durable is not False and rel in durable):
+                    self.put_bytes(rel, data)
+                else:
+                    path = self.path(rel)
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    with open(path, "wb") as f:
+                        f.write(data)
+        elif objects:
+            self.fs.pipe({self.path(rel): data for rel, data in objects.items()})
 
     def get_json(self, rel: str) -> dict | None:
         try:
@@ -128,8 +227,8 @@ class OutputStore:
         except FileNotFoundError:
             return None
 
-    def put_json(self, rel: str, obj: Any) -> None:
-        self.put_bytes(rel, json.dumps(obj, indent=1, sort_keys=True, default=str).encode())
+    def put_json(self, rel: str, obj: Any) -> str | None:
+        return self.put_bytes(rel, json.dumps(obj, indent=1, sort_keys=True, default=str).encode())
 
     def exists(self, rel: str = "") -> bool:
         return self.fs.exists(self.path(rel) if rel else self.root)
@@ -185,62 +284,33 @@ class OutputStore:
     def new_array_name(shard_id: str) -> str:
         return f"{shard_id}_{uuid.uuid4().hex[:8]}"
 
-    def create_array(self, group: str, name: str, spec: "ArraySpec", capacity: int, fill_value: Any,
-                     attributes: Mapping[str, Any]) -> zarr.Array:
-        """A (capacity, *sample_shape) array owned by the caller alone.
-
-        Each sample is one storage object (a Zarr shard, so one GET reads it whole); (C, H, W) maps are split
-        inside it into spatial tiles, so a crop fetches only the tiles it covers; maps of one tile and vectors
-        are a plain chunk per sample.
-        """
-        store = zarr_store(self.url_of(group, name), self.storage_options)
-        shape = (capacity, *spec.sample_shape)
-        per_sample = (1, *spec.sample_shape)
-        h, w = spec.sample_shape[-2:] if spec.spatial and len(spec.sample_shape) >= 2 else (0, 0)
-        if (tile_size(h), tile_size(w)) != (h, w):
-            chunks, shards = (1, *spec.sample_shape[:-2], tile_size(h), tile_size(w)), per_sample
-        else:  # one tile: a plain chunk (zarr reads back an existing shard before writing one: a GET per sample)
-            chunks, shards = per_sample, None
-        # write_empty_chunks: every tile is written, so zarr does not compare each one with the fill value
-        return zarr.create_array(store, shape=shape, chunks=chunks, shards=shards, dtype=spec.dtype,
-                                 compressors=None if spec.holds_files else [compressor()],
-                                 fill_value=b"" if spec.holds_files else fill_value,
-                                 attributes={"featup": {**dict(attributes), **dict(spec.attributes)}},
-                                 overwrite=True, config={"write_empty_chunks": True})
-
     def open_array(self, array_path: str) -> zarr.Array:
         return zarr.open_array(zarr_store(self.url_of(array_path), self.storage_options, read_only=True), mode="r")
 
-    def write_part(self, name: str, table: pa.Table) -> str:
+    def write_part(self, name: str, table: pa.Table, alongside: Mapping[str, bytes] | None = None) -> str:
+        """Writes an attempt's manifest part, and with it (concurrently on object storage) `alongside`, e.g. its
+        arrays' metadata; returns the part's relative path."""
         rel = f"{PIPELINE_DIR}/parts/{name}.parquet"
         buf = io.BytesIO()
         pq.write_table(table, buf)
-        self.put_bytes(rel, buf.getvalue())
+        self.put_many({**(alongside or {}), rel: buf.getvalue()}, durable={rel})
         return rel
 
-    def read_part(self, rel: str) -> pa.Table:
-        with self.fs.open(self.path(rel), "rb") as f:
-            return pq.read_table(f)
+    def commit(self, shard_id: str, record: Mapping[str, Any]) -> str | None:
+        """Marks a shard done. Written last, after its arrays and manifest part; returns the record's version."""
+        return self.put_json(f"{PIPELINE_DIR}/commits/{shard_id}.json", dict(record))
 
-    def commit(self, shard_id: str, record: Mapping[str, Any]) -> None:
-        """Marks a shard done. Written last, after its arrays and manifest part."""
-        self.put_json(f"{PIPELINE_DIR}/commits/{shard_id}.json", dict(record))
-
-    def commits(self) -> dict[str, dict]:
-        """shard_id -> commit record, for every committed shard (unreadable records count as absent)."""
-        folder = self.path(PIPELINE_DIR, "commits")
-        if not self.fs.exists(folder):
-            return {}
-        out = {}
-        for path in self.fs.ls(folder, detail=False):
-            if not path.endswith(".json"):
-                continue
-            try:
-                record = json.loads(self.fs.cat_file(path))
-                out[record["shard_id"]] = record
-            except (ValueError, KeyError, FileNotFoundError):
-                log.warning("ignoring an unreadable commit record %s (the shard will be redone)", path)
-        return out
+    def cat_many(self, paths: Sequence[str], batch: int) -> Iterator[tuple[str, bytes | BaseException]]:
+        """(path, content or the error reading it) for whole objects at filesystem paths, in order; fetched
+        `batch` at a time, concurrently on object storage (fsspec's many-path cat)."""
+        # small objects: one GET each (s3fs would otherwise ask each object's size first)
+        single = {"max_concurrency": 1} if protocol_of(self.url) in ("s3", "s3a") else {}
+        for start in range(0, len(paths), batch):
+            chunk = list(paths[start: start + batch])
+            found = self.fs.cat(chunk, on_error="return", **single) if chunk else {}
+            for path in chunk:
+                data = found.get(path, found.get(self.fs._strip_protocol(path)))
+                yield path, (data if data is not None else FileNotFoundError(path))
 
     # -- dataset-level artefacts -------------------------------------------------------------------------------
     def write_pca(self, mean: np.ndarray, components: np.ndarray, explained: float, fitted_on: int) -> None:
@@ -257,29 +327,27 @@ class OutputStore:
         return np.asarray(group["mean"][:]), np.asarray(group["components"][:])
 
     # -- end of run ------------------------------------------------------------------------------------------
-    def write_manifest(self, table: pa.Table) -> None:
-        buf = io.BytesIO()
-        pq.write_table(table, buf)
-        self.put_bytes(MANIFEST_NAME, buf.getvalue())
-
     def remove_unreferenced(self, keep_names: Iterable[str], keep_parts: Iterable[str]) -> int:
-        """Deletes arrays and parts of failed or superseded attempts (any group); returns how many went."""
+        """Deletes arrays and parts of failed or superseded attempts (any group); returns how many went.
+        One listing per group, one batched delete."""
         keep_names, keep_parts = set(keep_names), set(keep_parts)
-        removed = 0
+        doomed = []
         for group in ARRAY_GROUPS:
-            folder = self.path(group)
-            if not self.fs.exists(folder):
-                continue
-            for path in self.fs.ls(folder, detail=False):
+            for path in self._ls(self.path(group)):
                 name = path.rstrip("/").rsplit("/", 1)[-1]
                 if name != "zarr.json" and name not in keep_names:
-                    self.fs.rm(path, recursive=True)
-                    removed += 1
-        parts = self.path(PIPELINE_DIR, "parts")
-        if self.fs.exists(parts):
-            for path in self.fs.ls(parts, detail=False):
-                rel = f"{PIPELINE_DIR}/parts/{path.rsplit('/', 1)[-1]}"
-                if rel not in keep_parts:
-                    self.fs.rm(path)
-                    removed += 1
-        return removed
+                    doomed.append(path)
+        for path in self._ls(self.path(PIPELINE_DIR, "parts")):
+            if f"{PIPELINE_DIR}/parts/{path.rstrip('/').rsplit('/', 1)[-1]}" not in keep_parts:
+                doomed.append(path)
+        if doomed:
+            self.fs.rm(doomed, recursive=True)
+        return len(doomed)
+
+    def _ls(self, folder: str) -> list[str]:
+        try:
+            return self.fs.ls(folder, detail=False, refresh=True)
+        except FileNotFoundError:
+            return []
+        finally:
+            self.fs.invalidate_cache(folder)  # fsspec would keep the listing: memory per shard

@@ -27,6 +27,7 @@ from pipeline.caching.output_store import (
     LABELS_GROUP,
     LOWRES_GROUP,
     OutputStore,
+    StagedArray,
 )
 from pipeline.caching.presets import ArraySpec, Preset, fit_pca, pca_components
 from pipeline.storage.filesystems import endpoint_name, protocol_of, resolve_options
@@ -75,6 +76,7 @@ class ShardResult:
     bytes_written: int = 0
     request_retries: int = 0  # storage requests re-sent for this shard's objects (its commit write included)
     commit: dict = field(default_factory=dict)
+    commit_version: str | None = None  # the commit record's storage version (ETag), where storage gives one
 
 
 @dataclass
@@ -90,9 +92,9 @@ class _Decoded:
 class _Stream:
     """Reader thread + ordered decode pool: yields _Decoded items in shard order, `prefetch` ahead."""
 
-    def __init__(self, url: str, config: JobConfig, pool: ThreadPoolExecutor, prefetch: int,
+    def __init__(self, shard: Shard, config: JobConfig, pool: ThreadPoolExecutor, prefetch: int,
                  label_hw: tuple[int, int] | None):
-        self.url, self.config, self.pool, self.prefetch, self.label_hw = url, config, pool, prefetch, label_hw
+        self.shard, self.config, self.pool, self.prefetch, self.label_hw = shard, config, pool, prefetch, label_hw
         self.samples: queue.Queue = queue.Queue(maxsize=prefetch)
         self.stop = threading.Event()
         self.truncation: TruncatedShardError | None = None
@@ -101,7 +103,7 @@ class _Stream:
 
     def _read(self) -> None:
         try:
-            for sample in iter_samples(self.url, self.config.storage_options):
+            for sample in iter_samples(self.shard.url, self.config.storage_options, self.shard.size):
                 while not self.stop.is_set():
                     try:
                         self.samples.put(sample, timeout=0.2)
@@ -151,43 +153,34 @@ class _Stream:
 
 
 class _Writer:
-    """The only writer of one shard attempt's arrays; runs in its own thread behind a small queue."""
+    """The only writer of one shard attempt's arrays; runs in its own thread behind a small queue.
+
+    Per sample and array one storage write; `finish` gives each array's metadata with the final count, stored
+    once, together with the manifest part (see `StagedArray`).
+    """
 
     def __init__(self, store: OutputStore, name: str, specs: list[ArraySpec], capacity: int, source: str,
                  preset: str):
-        self.store, self.name, self.specs, self.source, self.preset = store, name, specs, source, preset
-        self.capacity = max(capacity, 1)
+        self.store, self.source, self.preset = store, source, preset
+        self.arrays = {spec.group: StagedArray(spec.group, name, spec, IGNORE_LABEL if spec.group == LABELS_GROUP
+                                               else 0, capacity) for spec in specs}
         self.jobs: queue.Queue = queue.Queue(maxsize=2)
         self.rows = 0
         self.failure: BaseException | None = None
-        self.arrays: dict = {}
         self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
         self.thread.start()
 
-    def _ensure_capacity(self, needed: int) -> None:
-        if needed <= self.capacity:
-            return
-        while self.capacity < needed:
-            self.capacity *= 2
-        for arr in self.arrays.values():
-            arr.resize((self.capacity, *arr.shape[1:]))
-
     def _run(self) -> None:
         try:
-            for spec in self.specs:
-                fill = IGNORE_LABEL if spec.group == LABELS_GROUP else 0
-                self.arrays[spec.group] = self.store.create_array(
-                    spec.group, self.name, spec, self.capacity, fill,
-                    {"shard": self.source, "storage": self.preset, "role": spec.group})
             while True:
                 job = self.jobs.get()
                 if job is _END:
                     return
-                n = len(next(iter(job.values())))
-                self._ensure_capacity(self.rows + n)
+                objects: dict[str, bytes] = {}
                 for group, data in job.items():
-                    self.arrays[group][self.rows : self.rows + n] = data
-                self.rows += n
+                    objects.update(self.arrays[group].encode(self.rows, data))
+                self.store.put_many(objects, durable=False)
+                self.rows += len(next(iter(job.values())))
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             self.failure = exc
             while True:  # drain so the producer never blocks on a dead writer
@@ -199,16 +192,17 @@ class _Writer:
             raise self.failure
         self.jobs.put(batch)
 
-    def finish(self, keys: list[str]) -> None:
-        """Waits for pending writes, trims the arrays to the rows written and records their keys."""
+    def finish(self, keys: list[str]) -> dict[str, bytes]:
+        """Waits for pending writes; returns each array's metadata (the rows written and their keys) to store."""
         self.jobs.put(_END)
         self.thread.join()
         if self.failure is not None:
             raise self.failure
-        for arr in self.arrays.values():
-            if arr.shape[0] != self.rows:
-                arr.resize((self.rows, *arr.shape[1:]))
-            arr.update_attributes({"featup": {**arr.attrs.get("featup", {}), "keys": keys}})
+        documents: dict[str, bytes] = {}
+        for group, array in self.arrays.items():
+            documents.update(array.metadata(self.rows, {"shard": self.source, "storage": self.preset, "role": group,
+                                                        "keys": keys}))
+        return documents
 
     def abort(self) -> None:
         self.jobs.put(_END)
@@ -336,7 +330,7 @@ class ShardProcessor:
             picked.append(flat[torch.randint(len(flat), (pixels_per_image * len(batch),), generator=rng)])
 
         for shard in shards:
-            stream = _Stream(shard.url, self.config, self.pool, prefetch=self.config.batch_size, label_hw=None)
+            stream = _Stream(shard, self.config, self.pool, prefetch=self.config.batch_size, label_hw=None)
             batch: list[np.ndarray] = []
             try:
                 for item in stream.items():
@@ -389,7 +383,7 @@ class ShardProcessor:
         if self.preset.needs_upsampler_at_read:
             path[FEATURES_GROUP] = f"image/{name}"  # what the reader starts from
         writer = _Writer(self.store, name, specs, shard.expected_samples or 64, shard.url, self.preset.name)
-        stream = _Stream(shard.url, cfg, self.pool, prefetch=2 * cfg.batch_size + cfg.decode_threads,
+        stream = _Stream(shard, cfg, self.pool, prefetch=2 * cfg.batch_size + cfg.decode_threads,
                          label_hw=self.hr_hw if cfg.labels == "auto" else None)
         rows: list[dict] = []
         keys: list[str] = []
@@ -429,7 +423,7 @@ class ShardProcessor:
                 if len(batch) >= cfg.batch_size:
                     flush()
             flush()
-            writer.finish(keys)
+            metadata = writer.finish(keys)
         except BaseException:
             stream.close()
             writer.abort()
@@ -449,7 +443,7 @@ class ShardProcessor:
                                   f"the tar holds {result.samples_read}")
         result.ok = len(keys)
         result.errors = len(rows) - len(keys)
-        part = self.store.write_part(name, manifest.to_table(rows))
+        part = self.store.write_part(name, manifest.to_table(rows), alongside=metadata)  # before the commit
         result.request_retries = RETRIES.take([name, _object_path(shard.url)])
         result.seconds = time.perf_counter() - t0
         result.commit = {
@@ -463,7 +457,7 @@ class ShardProcessor:
             "request_retries": result.request_retries, "worker": {**self.worker, "device": str(self.device)},
         }
         try:
-            self.store.commit(shard.shard_id, result.commit)
+            result.commit_version = self.store.commit(shard.shard_id, result.commit)
         finally:
             result.request_retries += RETRIES.take([f"commits/{shard.shard_id}.json"])
         return result

@@ -1,7 +1,7 @@
 """Reading a feature cache back, for training: `FeatureCache(url)[key]` -> (C, H, W) numpy array.
 
     cache = FeatureCache("s3://bkt/feats/dinov2_jbu.zarr")
-    len(cache), cache.keys()[:3], cache.manifest          # ok samples; the full manifest (pyarrow Table)
+    len(cache), cache.key(0), cache.manifest               # ok samples; the full manifest (pyarrow Table, read on use)
     feats = cache["000000139"]                            # whatever the storage preset, (C, H, W) features
     crop = cache.read("000000139", crop=(0, 32, 96, 96))  # only the tiles the crop covers are fetched
     labels = cache.labels("000000139")                    # (H, W) class ids aligned with the features
@@ -9,15 +9,18 @@
     loader = DataLoader(LabelledFeatures(cache, train, crop_size=96), batch_size=8, num_workers=4, shuffle=True)
     ds = cache.to_ray_dataset(train)                      # the same, as a Ray Data dataset
 
-Zarr arrays are opened lazily in each process, so a DataLoader's forked workers get their own connections.
+Built for manifests of tens of millions of rows: opening reads only the columns it needs, as Arrow and
+numpy arrays (keys stay an Arrow column, array paths a dictionary code per sample), and finds a key
+through a sorted hash index (`pipeline.reading.key_index`), never a Python object per sample. Forked
+DataLoader workers share all of it copy-on-write. Zarr arrays are opened lazily in each process, so
+each worker gets its own connections.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
+import contextlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -37,24 +40,63 @@ from pipeline.caching.output_store import (
 )
 from pipeline.caching.presets import Preset, decode_stored_image, pca_components
 from pipeline.options import ConfigError
+from pipeline.reading.key_index import DuplicateKeyError, KeyIndex, KeySelection, below_fraction, hash_keys
+from pipeline.storage.filesystems import protocol_of
 
 Crop = tuple[int, int, int, int]  # top, left, height, width in high-res feature pixels
 IGNORE_LABEL = 255
+# What opening a cache reads of the manifest; the rest is read when asked for (row, errors, manifest).
+INDEX_COLUMNS = ("key", "status", "features_array", "lowres_array", "labels_array", "index")
+PATH_COLUMNS = ("status", "features_array", "lowres_array", "labels_array")  # few distinct values: dictionaries
+
+_NULLS = object()  # what _constant says of a column with no value at all
+
+
+def _constant(metadata: pq.FileMetaData, column: str) -> Any:
+    """The one value every row of `column` holds (_NULLS: none), when the row-group statistics say so; else None."""
+    index = metadata.schema.to_arrow_schema().get_field_index(column)
+    if index < 0:
+        return None
+    seen = set()
+    for g in range(metadata.num_row_groups):
+        group = metadata.row_group(g)
+        stats = group.column(index).statistics
+        if stats is None or not stats.has_null_count:
+            return None
+        if stats.null_count == group.num_rows:
+            seen.add(_NULLS)
+        elif stats.null_count == 0 and stats.has_min_max and stats.min == stats.max:
+            seen.add(stats.min)
+        else:
+            return None
+    return seen.pop() if len(seen) == 1 else None
+
+
+def _numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A null-free Arrow column as one numpy array."""
+    if isinstance(column, pa.ChunkedArray):
+        return np.concatenate([c.to_numpy(zero_copy_only=False) for c in column.chunks] or [np.zeros(0)])
+    return column.to_numpy(zero_copy_only=False)
 
 
 class CacheError(ConfigError):
     """A location that is not a finished feature cache, or a request it cannot serve."""
 
 
-def split_keys(keys: Sequence[str], val_fraction: float = 0.2, seed: int = 0) -> tuple[list[str], list[str]]:
-    """Deterministic train/validation split by a hash of each key: stable across runs, machines and growth."""
+def _check_fraction(val_fraction: float) -> None:
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    train, val = [], []
-    for key in keys:
-        h = int.from_bytes(hashlib.sha1(f"{seed}:{key}".encode()).digest()[:8], "big") / 2**64
-        (val if h < val_fraction else train).append(key)
-    return train, val
+
+
+def split_keys(keys: Sequence[str], val_fraction: float = 0.2, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Deterministic train/validation split by a hash of each key: stable across runs, machines and growth.
+
+    A key goes to validation when its seeded 64-bit hash (`key_index.hash_keys`) / 2**64 < val_fraction.
+    """
+    _check_fraction(val_fraction)
+    keys = list(keys)
+    to_val = below_fraction(hash_keys(keys, seed), val_fraction)
+    return [k for k, v in zip(keys, to_val) if not v], [k for k, v in zip(keys, to_val) if v]
 
 
 class FeatureCache(torch.utils.data.Dataset):
@@ -65,12 +107,7 @@ class FeatureCache(torch.utils.data.Dataset):
         self.storage_options = dict(storage_options or {})
         self.device = device
         self.store = OutputStore(self.url, self.storage_options)
-        try:
-            data = self.store.fs.cat_file(self.store.path(MANIFEST_NAME))
-        except FileNotFoundError:
-            raise CacheError(f"{self.url} has no {MANIFEST_NAME}: not a feature cache, or its job has not "
-                             "finished (rerun the job to complete it)") from None
-        self.manifest: pa.Table = pq.read_table(io.BytesIO(data))
+        self._load_index()
         self.run: dict = self.store.get_json(RUN_NAME) or {}
         settings = self.run.get("settings", {})
         self.storage: str = settings.get("storage", settings.get("dtype", "float16"))
@@ -81,50 +118,161 @@ class FeatureCache(torch.utils.data.Dataset):
         self.image_size = int(settings.get("image_size", 0))
         pca = self.store.read_pca() if pca_components(self.storage) is not None else None
         self.preset = Preset(self.storage, self.dim, self.output_size, self.lowres_size, self.image_size, pca)
-        ok = self.manifest.filter(pc.equal(self.manifest.column("status"), "ok"))
-        self._keys: list[str] = ok.column("key").to_pylist()
-        self._names: list[str] = [p.split("/", 1)[1] for p in ok.column("features_array").to_pylist()]
-        self._lowres: list[str | None] = ok.column("lowres_array").to_pylist()
-        self._labels: list[str | None] = (ok.column("labels_array").to_pylist() if "labels_array" in ok.column_names
-                                          else [None] * len(self._keys))
-        self._rows: list[int] = ok.column("index").to_pylist()
-        self._position: dict[str, int] = {}
-        self._duplicates: set[str] = set()
-        for i, key in enumerate(self._keys):
-            if key in self._position:
-                self._duplicates.add(key)
-            self._position[key] = i
+        self._manifest: pa.Table | None = None
+        self._row_group: tuple[int, pa.Table] | None = None
         self._opened: dict[str, Any] = {}
         self._upsampler = None
         self._pid = os.getpid()
 
+    # -- the manifest ---------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _manifest_file(self, columns: Sequence[str] | None = None) -> Iterator[Any]:
+        """What pyarrow reads the manifest from: the local path, or (object storage) a file; given `columns`,
+        one that fetches just their byte ranges, concurrently."""
+        path = self.store.path(MANIFEST_NAME)
+        if protocol_of(self.url) == "file":
+            yield path
+        elif columns is None:
+            with self.store.fs.open(path, "rb") as f:
+                yield f
+        else:
+            from fsspec.parquet import open_parquet_file
+
+            with open_parquet_file(path, fs=self.store.fs, columns=list(columns), engine="pyarrow") as f:
+                yield f
+
+    def _load_index(self) -> None:
+        """Reads the key, status and location columns of the manifest and indexes the ok samples.
+
+        Columns whose row-group statistics already say what they hold (every status "ok", no low-res or label
+        arrays anywhere) are not read at all."""
+        try:
+            with self._manifest_file() as source:
+                metadata = pq.ParquetFile(source).metadata
+        except FileNotFoundError:
+            raise CacheError(f"{self.url} has no {MANIFEST_NAME}: not a feature cache, or its job has not "
+                             "finished (rerun the job to complete it)") from None
+        names = metadata.schema.to_arrow_schema().names
+        self._group_ends = np.cumsum([metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)])
+        all_ok = _constant(metadata, "status") == "ok"
+        absent = {c for c in ("lowres_array", "labels_array") if c not in names or _constant(metadata, c) is _NULLS}
+        columns = [c for c in INDEX_COLUMNS if c in names and c not in absent and not (c == "status" and all_ok)
+                   and c != "key"]
+        with self._manifest_file(columns) as source:
+            table = pq.read_table(source, columns=columns, read_dictionary=[c for c in PATH_COLUMNS if c in columns])
+        table = table.unify_dictionaries()  # path columns: one dictionary of array paths for every row group
+        # ok position -> manifest row; None: every row is ok. The key column keeps every row.
+        self._manifest_rows: np.ndarray | None = None
+        ok = None if all_ok else _numpy(pc.equal(table.column("status"), "ok")).astype(bool)
+        if ok is not None and not ok.all():
+            self._manifest_rows = np.nonzero(ok)[0].astype(np.int32 if len(ok) < 2**31 else np.int64)
+        select = (lambda values: values) if self._manifest_rows is None else (lambda values: values[ok])
+        paths = table.column("features_array")
+        # "features/<name>" (or "image/<name>" for the lowres preset): every group of a sample shares <name>
+        dictionary = paths.chunk(0).dictionary.to_pylist() if paths.num_chunks else []
+        self._names: list[str] = [p.split("/", 1)[1] for p in dictionary]
+        self._name_code: np.ndarray = select(np.concatenate(
+            [c.indices.fill_null(0).to_numpy() for c in paths.chunks] or [np.zeros(0, np.int32)]))
+        self._rows: np.ndarray = select(_numpy(table.column("index").fill_null(-1)))
+        self._has_lowres = select(self._present(table, "lowres_array"))
+        self._has_labels = select(self._present(table, "labels_array"))
+        del table, paths, ok
+        pa.default_memory_pool().release_unused()
+        self._index = KeyIndex(self._read_keys(), self._manifest_rows)
+
+    def _read_keys(self) -> pa.Array:
+        """The key column in one piece, kept outside Arrow's pool; read a row group at a time, so what the
+        pool holds meanwhile is about the column itself, and goes back after."""
+        with self._manifest_file(["key"]) as source:
+            parquet = pq.ParquetFile(source)
+            chunks = [parquet.read_row_group(g, columns=["key"]).column("key").chunk(0)
+                      for g in range(parquet.num_row_groups)]
+        keys = pa.concat_arrays(chunks, memory_pool=pa.system_memory_pool()) if chunks else pa.array([], pa.string())
+        del chunks
+        pa.default_memory_pool().release_unused()
+        return keys
+
+    @staticmethod
+    def _present(table: pa.Table, column: str) -> np.ndarray:
+        if column not in table.column_names:
+            return np.zeros(table.num_rows, dtype=bool)
+        return _numpy(table.column(column).is_valid()).astype(bool)
+
+    @property
+    def manifest(self) -> pa.Table:
+        """The whole manifest (every row and column, errors included), read on first use."""
+        if self._manifest is None:
+            with self._manifest_file() as source:
+                self._manifest = pq.read_table(source)
+        return self._manifest
+
+    def _manifest_row(self, r: int) -> dict:
+        """Row `r` of the manifest, reading only the row group that holds it (kept for the next call)."""
+        if self._manifest is not None:
+            return self._manifest.slice(r, 1).to_pylist()[0]
+        group = int(np.searchsorted(self._group_ends, r, side="right"))
+        if self._row_group is None or self._row_group[0] != group:
+            with self._manifest_file() as source:
+                self._row_group = (group, pq.ParquetFile(source).read_row_group(group))
+        first = int(self._group_ends[group - 1]) if group else 0
+        return self._row_group[1].slice(r - first, 1).to_pylist()[0]
+
     # -- lookup ---------------------------------------------------------------------------------------------
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self._index)
 
     def keys(self) -> list[str]:
-        return list(self._keys)
+        """Every ok key, in manifest order, as a Python list (one str per sample: avoid for huge caches)."""
+        return KeySelection(self._index, np.arange(len(self))).to_arrow().to_pylist()
+
+    def key(self, position: int) -> str:
+        """The key of the sample at `position`."""
+        return self._index.key_at(self._index_of(position))
 
     def __contains__(self, key: object) -> bool:
-        return key in self._position
+        return bool(self._index.find(key)) if isinstance(key, str) else False
 
     def errors(self) -> pa.Table:
         """Manifest rows of the samples that could not be processed, with their reasons."""
-        return self.manifest.filter(pc.equal(self.manifest.column("status"), "error"))
+        if self._manifest is not None:
+            return self._manifest.filter(pc.equal(self._manifest.column("status"), "error"))
+        with self._manifest_file() as source:
+            return pq.read_table(source, filters=[("status", "==", "error")])
 
-    def split(self, val_fraction: float = 0.2, seed: int = 0) -> tuple[list[str], list[str]]:
-        """(train keys, validation keys), deterministic by key hash."""
-        return split_keys(self._keys, val_fraction, seed)
+    def split(self, val_fraction: float = 0.2, seed: int = 0) -> tuple[KeySelection, KeySelection]:
+        """(train keys, validation keys), deterministic by key hash (the rule of `split_keys`)."""
+        _check_fraction(val_fraction)
+        hashes = hash_keys(self._index.column, seed)
+        to_val = below_fraction(hashes if self._manifest_rows is None else hashes[self._manifest_rows], val_fraction)
+        return KeySelection(self._index, np.nonzero(~to_val)[0]), KeySelection(self._index, np.nonzero(to_val)[0])
 
     def position(self, key: str) -> int:
-        if key in self._duplicates:
-            raise KeyError(f"key {key!r} occurs in several shards; index by position (see .manifest)")
+        """The position of the sample with `key`; KeyError when absent or held by several shards."""
         try:
-            return self._position[key]
-        except KeyError:
-            raise KeyError(f"no ok sample with key {key!r} in {self.url}") from None
+            found = self._index.position(key)
+        except DuplicateKeyError:
+            raise KeyError(f"key {key!r} occurs in several shards; index by position (see .manifest)") from None
+        if found is None:
+            raise KeyError(f"no ok sample with key {key!r} in {self.url}")
+        return found
 
-    def _index(self, item: int | str) -> int:
+    def positions(self, keys: Sequence[str] | None) -> np.ndarray:
+        """Positions of many keys at once (all samples for None); KeyError naming absent or duplicated ones."""
+        if keys is None:
+            return np.arange(len(self), dtype=np.int64)
+        if isinstance(keys, KeySelection) and keys.index is self._index:
+            return keys.positions
+        found = self._index.positions(keys.to_arrow() if isinstance(keys, KeySelection) else keys)
+        if (found < 0).any():
+            bad = np.nonzero(found < 0)[0][:5]
+            query = keys if isinstance(keys, KeySelection) else list(keys)
+            absent = [query[int(i)] for i in bad if found[i] == -1]
+            doubled = [query[int(i)] for i in bad if found[i] == -2]
+            raise KeyError(f"{int((found < 0).sum())} key(s) not found in {self.url}: absent {absent}, held by "
+                           f"several shards {doubled} (index those by position)")
+        return found
+
+    def _index_of(self, item: int | str) -> int:
         if isinstance(item, str):
             return self.position(item)
         i = int(item)
@@ -132,13 +280,15 @@ class FeatureCache(torch.utils.data.Dataset):
             raise IndexError(f"position {i} out of range for {len(self)} samples")
         return i % len(self)
 
+    def location(self, item: int | str) -> tuple[str, int]:
+        """(array name, row) of a sample: every group stores it at `<group>/<name>`, row `row`."""
+        i = self._index_of(item)
+        return self._names[self._name_code[i]], int(self._rows[i])
+
     def row(self, item: int | str) -> dict:
         """The manifest row of a sample: source shard, original size, crop, where its arrays live."""
-        i = self._index(item)
-        mask = pc.and_(pc.equal(self.manifest.column("key"), self._keys[i]),
-                       pc.equal(self.manifest.column("index"), self._rows[i]))
-        rows = [r for r in self.manifest.filter(mask).to_pylist() if r["features_array"].endswith(self._names[i])]
-        return rows[0]
+        i = self._index_of(item)
+        return self._manifest_row(i if self._manifest_rows is None else int(self._manifest_rows[i]))
 
     # -- reading --------------------------------------------------------------------------------------------
     def _array(self, group: str, name: str):
@@ -167,15 +317,15 @@ class FeatureCache(torch.utils.data.Dataset):
         """The cropped input image (3, S, S) uint8 that the lowres preset stored (JPEG, or raw in older caches)."""
         if not self.preset.needs_upsampler_at_read:
             raise CacheError(f"only the lowres preset stores the image; this cache is {self.storage}")
-        i = self._index(item)
-        return decode_stored_image(self._array("image", self._names[i])[self._rows[i]])
+        name, row = self.location(item)
+        return decode_stored_image(self._array("image", name)[row])
 
-    def _replay(self, i: int) -> np.ndarray:
+    def _replay(self, name: str, row: int) -> np.ndarray:
         from featup_ops import FeatureModel
 
-        name, row = self._names[i], self._rows[i]
         lowres = torch.from_numpy(np.asarray(self._array(LOWRES_GROUP, name)[row])).float()[None].to(self.device)
-        image = torch.from_numpy(self.image(i)).float()[None].to(self.device) / 255
+        stored = decode_stored_image(self._array("image", name)[row])
+        image = torch.from_numpy(stored).float()[None].to(self.device) / 255
         with torch.no_grad():
             highres = self._replay_upsampler()(lowres, FeatureModel.guidance(image))
         return highres[0].cpu().numpy()
@@ -185,10 +335,9 @@ class FeatureCache(torch.utils.data.Dataset):
 
         float16/float32 come back as stored; bfloat16, int8, pca<k> and lowres are decoded to float32.
         """
-        i = self._index(item)
-        name, row = self._names[i], self._rows[i]
+        name, row = self.location(item)
         if self.preset.needs_upsampler_at_read:
-            full = self._replay(i)
+            full = self._replay(name, row)
             return full if crop is None else full[:, crop[0]: crop[0] + crop[2], crop[1]: crop[1] + crop[3]]
         window = (slice(None),) if crop is None else (slice(None), slice(crop[0], crop[0] + crop[2]),
                                                       slice(crop[1], crop[1] + crop[3]))
@@ -203,20 +352,22 @@ class FeatureCache(torch.utils.data.Dataset):
 
     def lowres(self, item: int | str) -> np.ndarray:
         """The backbone's low-res features (C, h, w) of a sample (when the job stored them)."""
-        i = self._index(item)
-        if self._lowres[i] is None:
+        i = self._index_of(item)
+        if not self._has_lowres[i]:
             raise CacheError("this cache was written with --no-lowres")
-        return np.asarray(self._array(LOWRES_GROUP, self._names[i])[self._rows[i]])
+        name, row = self.location(i)
+        return np.asarray(self._array(LOWRES_GROUP, name)[row])
 
     def labels(self, item: int | str, crop: Crop | None = None) -> np.ndarray | None:
         """Class ids (H, W) aligned with the features (255 = ignore), or None when the sample had no label."""
-        i = self._index(item)
-        if self._labels[i] is None:
+        i = self._index_of(item)
+        if not self._has_labels[i]:
             return None
-        arr = self._array(LABELS_GROUP, self._names[i])
+        name, row = self.location(i)
+        arr = self._array(LABELS_GROUP, name)
         if crop is None:
-            return np.asarray(arr[self._rows[i]])
-        return np.asarray(arr[self._rows[i], crop[0]: crop[0] + crop[2], crop[1]: crop[1] + crop[3]])
+            return np.asarray(arr[row])
+        return np.asarray(arr[row, crop[0]: crop[0] + crop[2], crop[1]: crop[1] + crop[3]])
 
     def to_ray_dataset(self, keys: Sequence[str] | None = None, with_labels: bool = True, crop_size: int | None = None,
                        concurrency: int = 2):
@@ -227,8 +378,9 @@ class FeatureCache(torch.utils.data.Dataset):
         from pipeline.storage.credentials import for_workers
 
         init_ray()
-        items = [{"key": k} for k in (keys if keys is not None else self._keys)]
-        return ray.data.from_items(items).map_batches(  # credentials travel masked, by object reference
+        positions = self.positions(keys)
+        items = pa.table({"key": self._index.take(positions), "position": pa.array(positions)})
+        return ray.data.from_arrow(items).map_batches(  # credentials travel masked, by object reference
             _RayReader, fn_constructor_args=(self.url, for_workers(self.storage_options), with_labels, crop_size),
             batch_size=8, concurrency=concurrency)
 
@@ -240,7 +392,8 @@ class LabelledFeatures(torch.utils.data.Dataset):
     """(features (C,h,w), labels int64 (h,w)) pairs of a cache, optionally random crops of them.
 
     Features keep the stored float type (float16 stays float16: half the bytes through the DataLoader);
-    the training loop casts.
+    the training loop casts. The samples are held as a numpy array of positions (keys are resolved once,
+    vectorised), so forked workers share them with the cache's index.
 
     Crops are read with `FeatureCache.read(crop=...)`, so only the tiles under the crop are fetched.
     Samples without a label get all-ignore labels.
@@ -249,7 +402,7 @@ class LabelledFeatures(torch.utils.data.Dataset):
     def __init__(self, cache: FeatureCache, keys: Sequence[str] | None = None, crop_size: int | None = None,
                  seed: int = 0):
         self.cache = cache
-        self.keys = list(keys if keys is not None else cache.keys())
+        self.keys = KeySelection(cache._index, cache.positions(keys))
         self.crop_size, self.seed = crop_size, seed
         self._draws = 0  # crops differ from one pass to the next, reproducibly per worker
 
@@ -266,32 +419,30 @@ class LabelledFeatures(torch.utils.data.Dataset):
         return int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1)), size, size
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        key = self.keys[index]
+        position = int(self.keys.positions[index])
         crop = self._crop(index)
-        feats = torch.from_numpy(np.ascontiguousarray(self.cache.read(key, crop)))
-        labels = self.cache.labels(key, crop)
+        feats = torch.from_numpy(np.ascontiguousarray(self.cache.read(position, crop)))
+        labels = self.cache.labels(position, crop)
         if labels is None:
             labels = np.full(feats.shape[1:], IGNORE_LABEL, np.int64)
         return feats, torch.from_numpy(labels.astype(np.int64))
 
 
 class _RayReader:
-    """Ray Data UDF: opens the cache once per reader actor, then reads batches of keys."""
+    """Ray Data UDF: opens the cache once per reader actor, then reads batches of samples by position."""
 
     def __init__(self, url: str, storage_options: Mapping[str, Any], with_labels: bool, crop_size: int | None):
         self.cache = FeatureCache(url, storage_options)
-        self.pairs = LabelledFeatures(self.cache, crop_size=crop_size)
+        self.pairs = LabelledFeatures(self.cache, crop_size=crop_size)  # index i is cache position i
         self.with_labels = with_labels
 
     def __call__(self, batch: dict) -> dict:
-        keys = list(batch["key"])
         feats, labels = [], []
-        for key in keys:
-            position = self.pairs.keys.index(key)
-            f, lab = self.pairs[position]
+        for position in batch["position"]:
+            f, lab = self.pairs[int(position)]
             feats.append(f.numpy())
             labels.append(lab.numpy())
-        out = {"key": np.array(keys), "features": np.stack(feats)}
+        out = {"key": np.asarray(batch["key"]), "features": np.stack(feats)}
         if self.with_labels:
             out["labels"] = np.stack(labels)
         return out

@@ -50,7 +50,7 @@ def write_previews(url: str, keys: Sequence[str] | None = None, count: int = 4, 
     """Renders PNG previews for `keys` (default: the first `count` samples) into `out` (default
     <url>/previews); returns the written paths."""
     cache = FeatureCache(url, storage_options)
-    keys = list(keys) if keys else cache.keys()[:count]
+    keys = list(keys) if keys else [cache.key(i) for i in range(min(count, len(cache)))]
     missing = [k for k in keys if k not in cache]
     if missing:
         raise ConfigError(f"not in the cache {url}: {missing[:5]}; see FeatureCache(url).keys() for what it holds")

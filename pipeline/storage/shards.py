@@ -9,6 +9,7 @@ end-of-archive marker is missing, or whose sample count disagrees with the shard
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import posixpath
@@ -54,6 +55,7 @@ class Shard:
     url: str
     shard_id: str
     expected_samples: int | None = None
+    size: int | None = None  # bytes, when the listing that found the shard said (saves a request per read)
 
 
 def _stem(url: str) -> str:
@@ -122,6 +124,42 @@ def _expected_counts(urls: Sequence[str], options: Mapping[str, Any] | None) -> 
     return counts
 
 
+LIST_FOLDER_FROM = 8  # inputs in one folder from which listing it beats checking each shard on its own
+
+
+def _existing(urls: Sequence[str], options: Mapping[str, Any] | None) -> dict[str, int | None]:
+    """url -> size of each shard that exists: one listing per folder holding many inputs (a page per
+    thousand objects on object storage), one check per shard otherwise."""
+    by_folder: dict[str, list[str]] = {}
+    for url in urls:
+        by_folder.setdefault(url.rsplit("/", 1)[0], []).append(url)
+    found: dict[str, int | None] = {}
+    for members in by_folder.values():
+        fs, first = filesystem(members[0], options)
+        if len(members) >= LIST_FOLDER_FROM:
+            folder = first.rsplit("/", 1)[0]
+            try:
+                listing = {e["name"].rstrip("/"): e for e in fs.ls(folder, detail=True, refresh=True)}
+            except FileNotFoundError:
+                listing = {}
+            finally:
+                fs.invalidate_cache(folder)  # fsspec would keep the listing: memory per shard
+            for url in members:
+                entry = listing.get(filesystem(url, options)[1].rstrip("/"))
+                if entry is not None and entry.get("type") == "file":
+                    found[url] = entry.get("size")
+            continue
+        for url in members:
+            fs, path = filesystem(url, options)
+            try:
+                info = fs.info(path)
+            except FileNotFoundError:
+                continue
+            if info.get("type") == "file":
+                found[url] = info.get("size")
+    return found
+
+
 def resolve_shards(patterns: Sequence[str], options: Mapping[str, Any] | None = None) -> list[Shard]:
     """Expands the input patterns and checks, before any work, that every shard exists."""
     if not patterns:
@@ -134,33 +172,63 @@ def resolve_shards(patterns: Sequence[str], options: Mapping[str, Any] | None = 
         raise InputError(f"input not found: {exc}") from None
     if not urls:
         raise InputError(f"input patterns {list(patterns)} resolve to no shard")
-    missing = []
-    for url in urls:
-        fs, path = filesystem(url, options)
-        try:  # not fs.isfile: it answers False for a store it cannot reach
-            if fs.info(path).get("type") != "file":
-                missing.append(url)
-        except FileNotFoundError:
-            missing.append(url)
-        except Exception as exc:  # noqa: BLE001
-            raise StorageError(f"{url}: cannot check the shard ({type(exc).__name__}: {exc})") from None
+    try:
+        sizes = _existing(urls, options)
+    except Exception as exc:  # noqa: BLE001
+        raise StorageError(f"{urls[0]}: cannot check the input shards ({type(exc).__name__}: {exc})") from None
+    missing = [u for u in urls if u not in sizes]
     if missing:
         raise InputError(f"{len(missing)} of {len(urls)} input shards do not exist, e.g. {missing[:3]}")
     stems = [_stem(u) for u in urls]
     unique = len(set(stems)) == len(stems)
     counts = _expected_counts(urls, options)
-    return [Shard(u, s if unique else f"{s}-{hashlib.sha1(u.encode()).hexdigest()[:8]}", counts.get(u))
+    return [Shard(u, s if unique else f"{s}-{hashlib.sha1(u.encode()).hexdigest()[:8]}", counts.get(u), sizes[u])
             for u, s in zip(urls, stems)]
 
 
-def _tar_files(url: str, options: Mapping[str, Any] | None, progress: list) -> Iterator[dict]:
+class _RangedReads(io.RawIOBase):
+    """A read-only file of known size on object storage whose only requests are its ranged reads
+    (fsspec's own remote files first ask for the object's details: one more request per shard)."""
+
+    def __init__(self, fs, path: str, size: int):
+        self.fs, self.path, self.size, self.pos = fs, path, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def readinto(self, buffer) -> int:
+        n = min(len(buffer), self.size - self.pos)
+        if n <= 0:
+            return 0
+        data = self.fs.cat_file(self.path, start=self.pos, end=self.pos + n)
+        buffer[: len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+
+def _tar_files(url: str, options: Mapping[str, Any] | None, progress: list, size: int | None) -> Iterator[dict]:
     """The regular files of a tar as webdataset file dicts; checks the end-of-archive marker.
 
     On damage, the sample before the damaged one is flushed (an empty dict tells group_by_keys to yield
     what it holds) when it is complete, then TruncatedShardError is raised.
     """
     fs, path = filesystem(url, options)
-    with fs.open(path, "rb", block_size=READ_BLOCK, cache_type="readahead") as raw:
+    if size is not None and protocol_of(url) != "file":
+        opened = io.BufferedReader(_RangedReads(fs, path, size), buffer_size=READ_BLOCK)
+    else:
+        opened = fs.open(path, "rb", block_size=READ_BLOCK, cache_type="readahead")
+    with opened as raw:
         try:
             tf = tarfile.open(fileobj=raw, mode="r:")
         except tarfile.ReadError as exc:
@@ -188,13 +256,14 @@ def _tar_files(url: str, options: Mapping[str, Any] | None, progress: list) -> I
             raise TruncatedShardError(url, progress[0], None, "no end-of-archive marker: the file was cut short")
 
 
-def iter_samples(url: str, options: Mapping[str, Any] | None = None) -> Iterator[dict]:
+def iter_samples(url: str, options: Mapping[str, Any] | None = None, size: int | None = None) -> Iterator[dict]:
     """Samples of one shard as webdataset dicts: {"__key__", "__url__", "<ext>": bytes, ...}.
 
-    Raises TruncatedShardError for a damaged tar (after yielding the samples before the damage) and
-    lets transient read errors propagate, so the caller can retry the whole shard.
+    `size` (bytes, e.g. `Shard.size`) spares the request that would ask for it. Raises TruncatedShardError
+    for a damaged tar (after yielding the samples before the damage) and lets transient read errors
+    propagate, so the caller can retry the whole shard.
     """
     progress = [0]
-    for sample in group_by_keys(_tar_files(url, options, progress)):
+    for sample in group_by_keys(_tar_files(url, options, progress, size)):
         progress[0] += 1
         yield sample
