@@ -112,9 +112,13 @@ def train_probe(train_batches: Callable[[int], Iterable[tuple[torch.Tensor, torc
         for feats, labels in train_batches(epoch):
             feats = feats.to(config.device, non_blocking=True).float()
             labels = labels.to(config.device, non_blocking=True).long()
-            loss = F.cross_entropy(model(feats), labels, ignore_index=config.ignore_index)
+            logits = model(feats)
+            loss = F.cross_entropy(logits, labels, ignore_index=config.ignore_index)
             if not torch.isfinite(loss):  # a batch with only ignored pixels
-                continue
+                if model is bare:
+                    continue
+                # data-parallel: every rank must take part in each step's gradient all-reduce; this one adds zeros
+                loss = logits.sum() * 0.0
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

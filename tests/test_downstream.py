@@ -472,3 +472,14 @@ def test_previews_are_pngs_of_the_expected_size(preset_caches, tmp_path):
     # the lowres preset renders from its stored image
     lowres = preset_caches["lowres"]
     assert Image.open(sorted(Path(lowres.url, "previews").glob("*.png"))[0]).size == (192, 64)
+
+
+@pytest.mark.parametrize("n,world", [(5, 2), (7, 3), (4, 2), (1, 2)])
+def test_data_parallel_ranks_get_equal_shares_covering_every_key(n, world):
+    """DDP all-reduces each step: ranks with unequal batch counts would deadlock (seen with 5 keys on 2 ranks)."""
+    from pipeline.workflows.probe_on_cache import rank_share
+
+    keys = [f"k{i}" for i in range(n)]
+    shares = [rank_share(keys, r, world) for r in range(world)]
+    assert len({len(s) for s in shares}) == 1 and len(shares[0]) == -(-n // world)
+    assert set().union(*shares) == set(keys)

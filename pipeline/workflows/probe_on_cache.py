@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -118,6 +118,14 @@ def run_probe(config: ProbeJobConfig) -> dict:
     return metrics
 
 
+def rank_share(keys: Sequence[str], rank: int, world: int) -> list[str]:
+    """The keys one of `world` data-parallel ranks trains on: every rank the same number, the last ones wrapping
+    around to the first keys (as torch's DistributedSampler pads). DDP all-reduces every step, so a rank with a
+    batch more than the others would wait for them for ever."""
+    per_rank = -(-len(keys) // world)
+    return [keys[i % len(keys)] for i in range(rank, per_rank * world, world)]
+
+
 def _ray_train_loop(loop_config: dict) -> None:
     """One Ray Train worker: its share of the training keys, DDP gradients, rank 0 evaluates and saves."""
     import ray.train
@@ -130,7 +138,7 @@ def _ray_train_loop(loop_config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     cache = FeatureCache(config.cache, config.storage_options)
     train_keys, val_keys = cache.split(config.val_fraction, config.seed)
-    mine = train_keys[rank::world]
+    mine = rank_share(train_keys, rank, world)
     torch.manual_seed(config.seed)
     probe = ray.train.torch.prepare_model(LinearProbe(cache.dim, config.classes))
     device = ray.train.torch.get_device()
