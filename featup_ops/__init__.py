@@ -11,6 +11,7 @@ from .anyup_weights import (  # registers the `anyup` upsampler
     ANYUP_PAPER_URL,
     load_anyup,
     random_anyup,
+    save_anyup,
 )
 from .backbones import (
     Backbone,
@@ -31,7 +32,7 @@ from .implicit import ImplicitConfig, ImplicitFit, ImplicitUpsampler, fit_implic
 from .jbu import JBULayer, JBUStack
 from .jitter import Jitter, JitterSpec, sample_jitter
 from .layers import ChannelNorm
-from .model import FeatureModel, UpsamplerError, create_upsampler, list_upsamplers
+from .model import FeatureModel, UpsamplerError, create_upsampler, list_upsamplers, save_upsampler
 from .multiview_trainer import (
     MultiViewTrainer,
     TrainConfig,
@@ -41,13 +42,13 @@ from .multiview_trainer import (
 )
 
 __all__ = [
-    "AnyUp", "AnyUpUpsampler", "ANYUP_MULTI_BACKBONE_URL", "ANYUP_PAPER_URL", "load_anyup", "random_anyup",
+    "AnyUp", "AnyUpUpsampler", "ANYUP_MULTI_BACKBONE_URL", "ANYUP_PAPER_URL", "load_anyup", "random_anyup", "save_anyup",
     "Backbone", "BackboneError", "create_backbone", "list_backbones", "register_backbone",
     "Bicubic", "Bilinear", "InterpolationUpsampler",
     "CheckpointError", "load_jbu", "save_jbu", "shipped_oracle_jbu",
     "AttentionDownsampler", "SimpleDownsampler", "area_downsample", "create_downsampler",
     "ImplicitConfig", "ImplicitFit", "ImplicitUpsampler", "fit_implicit",
     "JBULayer", "JBUStack", "Jitter", "JitterSpec", "sample_jitter", "ChannelNorm",
-    "FeatureModel", "UpsamplerError", "create_upsampler", "list_upsamplers",
+    "FeatureModel", "UpsamplerError", "create_upsampler", "list_upsamplers", "save_upsampler",
     "MultiViewTrainer", "TrainConfig", "load_checkpoint", "save_checkpoint", "train",
 ]

@@ -104,6 +104,7 @@ class AnyUp(nn.Module):
         self.unification_kernel = unification_kernel
         self.attention = attention
         self.weights_id: str | None = None  # set by load_anyup: a fingerprint of the weights loaded
+        self.weights_source: str | None = None  # set by load_anyup: the path or URL they came from
         self.image_encoder = encoder(3, dim)
         self.key_encoder = encoder(dim, dim)
         self.query_encoder = encoder(dim, dim)
@@ -217,24 +218,34 @@ class AnyUp(nn.Module):
 
 
 class AnyUpUpsampler(nn.Module):
-    """AnyUp behind the upsampler registry's call `up(features, guidance)`, output at the guidance's size."""
+    """AnyUp behind the upsampler registry's call `up(features, guidance)`, output at the guidance's size
+    (times `output_scale`, rounded, for outputs smaller than the image)."""
 
-    def __init__(self, anyup: AnyUp, q_chunk_size: int | None = None):
+    def __init__(self, anyup: AnyUp, q_chunk_size: int | None = None, output_scale: float = 1.0):
         super().__init__()
         self.anyup = anyup
         self.q_chunk_size = q_chunk_size
+        self.output_scale = float(output_scale)
 
     @property
     def weights_id(self) -> str | None:
         return self.anyup.weights_id
 
+    @property
+    def weights_source(self) -> str | None:
+        return self.anyup.weights_source
+
     def config(self) -> dict:
-        return {**self.anyup.config(), "output_size": "image"}
+        size = "image" if self.output_scale == 1 else f"image x {self.output_scale:g}"
+        return {**self.anyup.config(), "output_size": size}
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
-        """The output follows the image, whatever the backbone's grid."""
-        return height, width
+        """The output follows the image (times `output_scale`), whatever the backbone's grid."""
+        s = self.output_scale
+        return max(1, round(height * s)), max(1, round(width * s))
 
     def forward(self, features: torch.Tensor, guidance: torch.Tensor,
                 output_size: Sequence[int] | None = None) -> torch.Tensor:
+        if output_size is None and self.output_scale != 1:
+            output_size = self.output_size(*guidance.shape[2:])
         return self.anyup(guidance, features, output_size=output_size, q_chunk_size=self.q_chunk_size)

@@ -22,7 +22,7 @@ import cuda_ext
 
 from .anyup import ATTENTION_KINDS, AnyUp, AnyUpUpsampler
 from .backbones import RANDOM_INIT_SEED
-from .checkpoints import CheckpointError, read_state, state_fingerprint
+from .checkpoints import CheckpointError, read_state, state_fingerprint, write_state
 from .model import UpsamplerError, register_upsampler
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,8 @@ def load_anyup(source: str | Mapping[str, torch.Tensor], storage_options: Mappin
                attention: str = "fused", timeout: float = DOWNLOAD_TIMEOUT_S) -> AnyUp:
     """An eval-mode AnyUp from a state dict, a path/fsspec URL or an http(s) URL (e.g. ANYUP_MULTI_BACKBONE_URL).
 
-    `model.weights_id` fingerprints the weights (`file:` for a file or URL, `state:` for a dict).
+    `model.weights_id` fingerprints the weights (`file:` for a file or URL, `state:` for a dict);
+    `model.weights_source` is the path or URL they came from (None for a dict).
     """
     if isinstance(source, Mapping):
         model = anyup_from_state(source, attention)
@@ -118,7 +119,13 @@ def load_anyup(source: str | Mapping[str, torch.Tensor], storage_options: Mappin
     state = read_anyup_state(str(source), storage_options, timeout)
     model = anyup_from_state(state, attention, name=str(source))
     model.weights_id = f"file:{state_fingerprint(state)}"
+    model.weights_source = str(source)
     return model
+
+
+def save_anyup(model: AnyUp, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Writes `model`'s exact weights (the published layout) as one .safetensors file that `load_anyup` reads."""
+    write_state(model.state_dict(), url, model.config(), storage_options)
 
 
 def random_anyup(attention: str = "fused") -> AnyUp:
@@ -134,17 +141,28 @@ def random_anyup(attention: str = "fused") -> AnyUp:
                              "(published multi-backbone weights unless --upsampler-weights PATH|URL)")
 def create_anyup(dim: int, weights: str | Mapping | None = None, random_init: bool = False,
                  storage_options: Mapping[str, Any] | None = None, attention: str = "fused",
-                 q_chunk_size: int | None = None) -> AnyUpUpsampler:
+                 q_chunk_size: int | None = None, output_scale: float = 1.0) -> AnyUpUpsampler:
     """Any `dim` works (AnyUp never projects the features). No weights: the published multi-backbone
-    checkpoint, downloaded through torch.hub's cache, unless `random_init` asks for an untrained model."""
+    checkpoint, downloaded through torch.hub's cache, unless `random_init` asks for an untrained model.
+    `output_scale` (0 < s <= 1): the output's size relative to the image's."""
     if attention not in ATTENTION_KINDS or (attention == "fused" and not hasattr(cuda_ext, "window_attention")):
         raise UpsamplerError(f"anyup attention {attention!r}: choose 'dense' or 'fused' (the latter needs "
                              "cuda_ext.window_attention)")
     if q_chunk_size is not None and int(q_chunk_size) < 1:
         raise UpsamplerError(f"anyup q_chunk_size must be a positive number of queries, got {q_chunk_size}")
+    check_output_scale(output_scale)
     if weights is None and random_init:
-        return AnyUpUpsampler(random_anyup(attention), q_chunk_size)
+        return AnyUpUpsampler(random_anyup(attention), q_chunk_size, output_scale)
     if weights is None:
         log.info("no AnyUp weights given: using the published multi-backbone checkpoint %s", ANYUP_MULTI_BACKBONE_URL)
         weights = ANYUP_MULTI_BACKBONE_URL
-    return AnyUpUpsampler(load_anyup(weights, storage_options, attention=attention), q_chunk_size)
+    return AnyUpUpsampler(load_anyup(weights, storage_options, attention=attention), q_chunk_size, output_scale)
+
+
+def check_output_scale(output_scale: float) -> float:
+    """An AnyUp output scale in (0, 1], else an UpsamplerError saying so (its queries are pooled from the image's
+    pixels, so a larger output would only repeat them)."""
+    if not 0 < float(output_scale) <= 1:
+        raise UpsamplerError(f"anyup output_scale must be in (0, 1] (the output's size relative to the image's), "
+                             f"got {output_scale}")
+    return float(output_scale)

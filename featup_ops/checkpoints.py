@@ -135,14 +135,21 @@ def load_jbu(path_or_state: str | Mapping[str, Any], storage_options: Mapping[st
         raise CheckpointError(f"{path_or_state}: {exc}") from None
 
 
+def write_state(state: Mapping[str, torch.Tensor], url: str, config: Mapping[str, Any],
+                storage_options: Mapping[str, Any] | None = None,
+                extra_metadata: Mapping[str, str] | None = None) -> None:
+    """Writes a state dict as one .safetensors file, `config` as JSON in its metadata (local or fsspec URL)."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    metadata = {CONFIG_KEY: json.dumps(dict(config)), **dict(extra_metadata or {})}
+    data = save_safetensors_bytes(tensors, metadata=metadata)
+    with fsspec.open(url, "wb", auto_mkdir=True, **dict(storage_options or {})) as f:
+        f.write(data)
+
+
 def save_jbu(model: JBUStack, url: str, storage_options: Mapping[str, Any] | None = None,
              extra_metadata: Mapping[str, str] | None = None) -> None:
     """Writes `model` as one .safetensors file with its config in the metadata (local or fsspec URL)."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    metadata = {CONFIG_KEY: json.dumps(model.config()), **dict(extra_metadata or {})}
-    data = save_safetensors_bytes(state, metadata=metadata)
-    with fsspec.open(url, "wb", auto_mkdir=True, **dict(storage_options or {})) as f:
-        f.write(data)
+    write_state(model.state_dict(), url, model.config(), storage_options, extra_metadata)
 
 
 def shipped_oracle_jbu() -> str:

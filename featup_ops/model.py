@@ -20,7 +20,7 @@ from torch import nn
 
 from .backbones import RANDOM_INIT_SEED, Backbone, create_backbone, imagenet_normalize
 from .baselines import InterpolationUpsampler
-from .checkpoints import load_jbu, read_state, state_fingerprint
+from .checkpoints import load_jbu, read_state, save_jbu, state_fingerprint
 from .jbu import JBUStack
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,20 @@ def create_upsampler(name: str, dim: int, weights: str | Mapping | None = None, 
         raise UpsamplerError(f"unknown upsampler {name!r}; registered: {', '.join(sorted(_UPSAMPLERS))}")
     return _UPSAMPLERS[name][0](dim, weights=weights, random_init=random_init, storage_options=storage_options,
                                 **kwargs).eval()
+
+
+def save_upsampler(upsampler: nn.Module, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Writes a learned upsampler's exact weights as one .safetensors file, which `create_upsampler(name, dim,
+    weights=url)` loads back (jbu, anyup): how a cache keeps the weights its reader re-runs."""
+    from .anyup import AnyUpUpsampler
+    from .anyup_weights import save_anyup
+
+    if isinstance(upsampler, JBUStack):
+        save_jbu(upsampler, url, storage_options)
+    elif isinstance(upsampler, AnyUpUpsampler):
+        save_anyup(upsampler.anyup, url, storage_options)
+    else:
+        raise UpsamplerError(f"{type(upsampler).__name__} has no weights file to save (jbu and anyup have)")
 
 
 class FeatureModel(nn.Module):

@@ -6,6 +6,9 @@
   ||area_downsample(jitter(hr)) - backbone(jitter(image))|| / ||backbone(jitter(image))|| over the set.
   It needs no truth, so it works for every backbone; the fixed area average (not a learned downsampler)
   keeps it comparable between upsamplers.
+- lowres_agreement: per sample, high-res features area-pooled back to the backbone's grid against the
+  backbone's own low-res features of the same image (no views, no truth): what the caching job records per
+  sample in its manifest, to find the samples an upsampler got wrong.
 Also a PCA colouring of feature maps for previews.
 """
 
@@ -72,6 +75,23 @@ def mean_cosine(pred: torch.Tensor, truth: torch.Tensor) -> float:
     s = _Sums()
     s.add(pred, truth, cosine=True)
     return s.cos / s.pixels
+
+
+def lowres_agreement(highres: torch.Tensor, lowres: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample, (relative error, mean cosine) of high-res features (B,C,H,W) area-pooled to the low-res grid
+    against the low-res features (B,C,h,w): ||pool(hr) - lr|| / ||lr|| (NaN where lr is all zero), and the
+    cosine similarity of pool(hr) and lr at each low-res pixel, averaged. Two (B,) float32 tensors on the
+    features' device; the pooling runs in the features' dtype (accumulating in float32 on CUDA), then float32."""
+    if highres.dim() != 4 or lowres.dim() != 4 or highres.shape[:2] != lowres.shape[:2]:
+        raise ValueError(f"expected high-res (B,C,H,W) and low-res (B,C,h,w) features of the same batch and "
+                         f"channels, got {tuple(highres.shape)} and {tuple(lowres.shape)}")
+    pooled = area_downsample(highres, tuple(lowres.shape[2:])).float()
+    lr = lowres.float()
+    ref = lr.flatten(1).norm(dim=1)
+    err = (pooled - lr).flatten(1).norm(dim=1)
+    rel = torch.where(ref > 0, err / ref.clamp_min(torch.finfo(torch.float32).tiny), torch.nan)
+    cosine = F.cosine_similarity(pooled, lr, dim=1, eps=1e-8).mean(dim=(1, 2))
+    return rel, cosine
 
 
 def call_upsampler(upsampler: nn.Module, backbone: Backbone, lowres: torch.Tensor, images01: torch.Tensor

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -24,11 +26,14 @@ def to_rgb(features: torch.Tensor, mean: torch.Tensor, basis: torch.Tensor, lo: 
 
 
 def preview_strip(image: np.ndarray, highres: np.ndarray | torch.Tensor,
-                  lowres: np.ndarray | torch.Tensor | None = None) -> np.ndarray:
-    """image | low-res features | high-res features, side by side at the high-res size: (H, 2W or 3W, 3) uint8.
+                  lowres: np.ndarray | torch.Tensor | None = None,
+                  others: Sequence[np.ndarray | torch.Tensor] = ()) -> np.ndarray:
+    """image | low-res features | high-res features | each of `others` (more high-res maps of the same image,
+    e.g. another upsampler's), side by side at the high-res size: (H, n*W, 3) uint8.
 
-    One PCA (fitted on the high-res map) colours both feature maps, so their colours mean the same thing;
-    the low-res map is shown with nearest-neighbour blocks, as the backbone sees the image.
+    One PCA (fitted on the high-res map) colours every feature map, so their colours mean the same thing;
+    the low-res map is shown with nearest-neighbour blocks, as the backbone sees the image, and `others` of
+    another size are resized bilinearly.
     """
     hr = torch.as_tensor(np.asarray(highres, dtype=np.float32))
     H, W = hr.shape[1:]
@@ -43,4 +48,9 @@ def preview_strip(image: np.ndarray, highres: np.ndarray | torch.Tensor,
         lr_big = F.interpolate(lr[None], size=(H, W), mode="nearest")[0]
         panels.append(to_rgb(lr_big, mean, basis, lo, hi))
     panels.append(to_rgb(hr, mean, basis, lo, hi))
+    for other in others:
+        o = torch.as_tensor(np.asarray(other, dtype=np.float32))
+        if tuple(o.shape[1:]) != (H, W):
+            o = F.interpolate(o[None], size=(H, W), mode="bilinear", align_corners=False)[0]
+        panels.append(to_rgb(o, mean, basis, lo, hi))
     return np.concatenate(panels, axis=1)

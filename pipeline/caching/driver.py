@@ -40,6 +40,7 @@ from pipeline.ray_runtime import init_ray
 from pipeline.storage.filesystems import check_reachable, protocol_of
 from pipeline.storage.retries import RETRIES
 from pipeline.storage.shards import Shard, resolve_shards
+from pipeline.upsampler_weights import WEIGHTED_UPSAMPLERS
 
 log = logging.getLogger(__name__)
 
@@ -116,14 +117,17 @@ def _describe(model, config: JobConfig) -> dict:
     described = model.describe()
     described["output_size"] = list(model.output_size(config.image_size, config.image_size))
     described["lowres_size"] = list(model.lowres_size(config.image_size, config.image_size))
+    source = config.upsampler_weights or getattr(model.upsampler, "weights_source", None)
+    if source:  # where the upsampler's weights came from (AnyUp: the published URL when none was given)
+        described["upsampler_weights"] = source
     return described
 
 
 def _store_upsampler(model, store: OutputStore) -> None:
-    """The lowres preset's reader re-runs the JBU: keep its exact weights with the cache."""
-    from featup_ops import save_jbu
+    """The lowres preset's reader re-runs the upsampler (JBU, AnyUp): keep its exact weights with the cache."""
+    from featup_ops import save_upsampler
 
-    save_jbu(model.upsampler, store.url_of(UPSAMPLER_NAME), store.resolved_options)
+    save_upsampler(model.upsampler, store.url_of(UPSAMPLER_NAME), store.resolved_options)
 
 
 def _write_previews(config: JobConfig, store: OutputStore) -> None:
@@ -167,15 +171,16 @@ class _Progress:
 
 
 def prepare(config: JobConfig) -> PreparedRun:
-    """Everything that can refuse the job, before any work: settings, storage, shards, model, output identity."""
+    """Everything that can refuse the job, before any work: settings, model (its weights downloaded, or a refusal
+    naming the file to pass when offline), storage, shards, output identity."""
     config.validate()
     RETRIES.take_all()  # request retries counted in this process so far belong to no part of this run
+    model = _validate_model(config)
     store = OutputStore(config.output, config.storage_options)
     if protocol_of(config.output) in ("s3", "s3a"):
         check_reachable(config.output, config.storage_options)
     shards = resolve_shards(list(config.inputs), config.storage_options)
     log.info("%d input shard(s), first %s", len(shards), shards[0].url)
-    model = _validate_model(config)
     model_info = _describe(model, config)
     identity = {**config.identity(), "weights": model_info["weights"], "output_size": model_info["output_size"],
                 "dim": model_info["dim"]}
@@ -183,7 +188,7 @@ def prepare(config: JobConfig) -> PreparedRun:
     lease = OutputLease(config.output, config.storage_options, config.lease_ttl).acquire()
     try:
         resumed = store.prepare(identity, config.overwrite)
-        if config.storage_preset == "lowres" and config.upsampler == "jbu":
+        if config.storage_preset == "lowres" and config.upsampler in WEIGHTED_UPSAMPLERS:
             _store_upsampler(model, store)
         del model
         commit_log = CommitLog(store)

@@ -7,17 +7,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.options import ConfigError, option, record_of
+from pipeline.upsampler_weights import WEIGHTED_UPSAMPLERS  # kept with a lowres cache (upsampler.safetensors)
 
 DTYPES = ("float16", "bfloat16", "float32")
 LABEL_SOURCES = ("auto", "oracle", "none")
-UPSAMPLERS = ("jbu", "bilinear", "bicubic", "implicit", "truth")
+UPSAMPLERS = ("jbu", "anyup", "bilinear", "bicubic", "implicit", "truth")
 UPSAMPLERS_WITHOUT_WEIGHTS = ("bilinear", "bicubic", "implicit", "truth")
 # Upsamplers a reader can re-run from stored low-res features and the image (the `lowres` preset).
-REPLAYABLE_UPSAMPLERS = ("jbu", "bilinear", "bicubic")
+REPLAYABLE_UPSAMPLERS = ("jbu", "anyup", "bilinear", "bicubic")
+# Upsamplers whose output size is free (not a fixed multiple of the feature grid): --output-scale applies.
+FREE_SIZE_UPSAMPLERS = ("anyup",)
 
 IO, MODEL, STORED, RUN = "input and output", "model", "what is stored", "execution"
 
-__all__ = ["ConfigError", "JobConfig", "DTYPES"]
+__all__ = ["ConfigError", "JobConfig", "DTYPES", "WEIGHTED_UPSAMPLERS"]
 
 
 @dataclass(frozen=True)
@@ -44,11 +47,18 @@ class JobConfig:
     backbone_weights: str | None = option(None, group=MODEL, help="backbone weights, local or fsspec URL "
                                           "(.safetensors or a torch state dict); default: the local timm/HF cache")
     upsampler: str = option("jbu", group=MODEL, choices=UPSAMPLERS,
-                            help="jbu: FeatUp JBU stack (needs --upsampler-weights); bilinear/bicubic: baselines; "
-                                 "implicit: per-image fitted implicit model (slow, best); truth: the oracle's exact "
-                                 "features (oracle backbone only, an evaluation ceiling)")
-    upsampler_weights: str | None = option(None, group=MODEL, help="JBU checkpoint: this project's .safetensors or "
-                                           "a published FeatUp .ckpt, local or fsspec URL")
+                            help="jbu: FeatUp JBU stack (needs --upsampler-weights); anyup: AnyUp, one model for "
+                                 "every backbone, output at the image's size (published multi-backbone weights "
+                                 "unless --upsampler-weights); bilinear/bicubic: baselines; implicit: per-image "
+                                 "fitted implicit model (slow); truth: the oracle's exact features (oracle backbone "
+                                 "only, an evaluation ceiling)")
+    upsampler_weights: str | None = option(None, group=MODEL, metavar="PATH|URL",
+                                           help="jbu: this project's .safetensors or a published FeatUp .ckpt; anyup: "
+                                                "a published .pth (e.g. anyup_paper.pth) or .safetensors; local, "
+                                                "fsspec URL (s3://) or, for anyup, http(s) (downloaded through "
+                                                "torch.hub's cache)")
+    output_scale: float = option(1.0, group=MODEL, help="anyup: high-res size relative to the image's, in (0, 1] "
+                                                        "(e.g. 0.5 stores features at half the image's resolution)")
     implicit_steps: int | None = option(None, group=MODEL, help="implicit upsampler: optimisation steps per image")
     implicit_views: int | None = option(None, group=MODEL, help="implicit upsampler: jittered views per step")
     random_init: bool = option(False, group=MODEL, help="explicitly allow deterministic random weights when none "
@@ -118,6 +128,13 @@ class JobConfig:
                               f"{self.max_actor_restarts}")
         if (self.implicit_steps or self.implicit_views) and self.upsampler != "implicit":
             raise ConfigError("--implicit-steps/--implicit-views only apply to --upsampler implicit")
+        if self.output_scale != 1.0 and self.upsampler not in FREE_SIZE_UPSAMPLERS:
+            raise ConfigError(f"--output-scale {self.output_scale} applies to --upsampler "
+                              f"{'/'.join(FREE_SIZE_UPSAMPLERS)} only: {self.upsampler} outputs a fixed multiple of "
+                              "the feature grid")
+        if not 0 < self.output_scale <= 1:
+            raise ConfigError(f"--output-scale must be in (0, 1] (the high-res size relative to the image's), "
+                              f"got {self.output_scale}")
         from pipeline.caching.presets import PresetError, validate
 
         try:
@@ -142,8 +159,10 @@ class JobConfig:
 
     @property
     def upsampler_options(self) -> dict[str, Any]:
-        """Constructor arguments of the upsampler beyond its weights (the implicit model's fitting budget)."""
-        pairs = (("steps", self.implicit_steps), ("views", self.implicit_views))
+        """Constructor arguments of the upsampler beyond its weights (the implicit model's fitting budget, AnyUp's
+        output scale); the reader of a lowres cache rebuilds the upsampler with them."""
+        pairs = (("steps", self.implicit_steps), ("views", self.implicit_views),
+                 ("output_scale", self.output_scale if self.output_scale != 1.0 else None))
         return {k: v for k, v in pairs if v is not None}
 
     def identity(self) -> dict:

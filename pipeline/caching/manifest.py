@@ -36,6 +36,10 @@ SCHEMA = pa.schema([
     pa.field("crop_top", pa.int32()),
     pa.field("crop_left", pa.int32()),
     pa.field("crop_size", pa.int32()),
+    # How well the high-res features, area-pooled to the backbone's grid, agree with its own low-res features
+    # (featup_ops.upsampler_metrics.lowres_agreement): ||pool(hr) - lr|| / ||lr|| and the mean per-cell cosine.
+    pa.field("pooled_rel_error", pa.float32()),
+    pa.field("pooled_cosine", pa.float32()),
 ])
 
 _GEOMETRY_FIELDS = ("orig_height", "orig_width", "orig_mode", "exif_orientation", "resized_height", "resized_width", "crop_top",
@@ -51,6 +55,11 @@ def ok_row(key: str, shard: str, source: str, sample_index: int, storage: str, f
             "feature_width": feature_hw[1], **geometry.as_dict()}
 
 
+def quality(pooled_rel_error: float, pooled_cosine: float) -> dict:
+    """The per-sample quality columns of an ok row (see SCHEMA)."""
+    return {"pooled_rel_error": pooled_rel_error, "pooled_cosine": pooled_cosine}
+
+
 def error_row(key: str, shard: str, source: str, sample_index: int, error: str) -> dict:
     row = {"key": key, "shard": shard, "source": source, "sample_index": sample_index, "status": "error",
            "error": error, "storage": None, "features_array": None, "lowres_array": None, "labels_array": None,
@@ -61,6 +70,15 @@ def error_row(key: str, shard: str, source: str, sample_index: int, error: str) 
 
 def to_table(rows: Sequence[dict]) -> pa.Table:
     return pa.Table.from_pylist(list(rows), schema=SCHEMA)
+
+
+def conform(part: pa.Table) -> pa.Table:
+    """A part in SCHEMA's columns and types; columns it lacks (parts committed by an earlier version of the job,
+    resumed) are null."""
+    for name in SCHEMA.names:
+        if name not in part.column_names:
+            part = part.append_column(name, pa.nulls(part.num_rows, SCHEMA.field(name).type))
+    return part.select(SCHEMA.names).cast(SCHEMA)
 
 
 ROW_GROUP_ROWS = 65_536  # manifest rows per Parquet row group: a reader fetching one row reads this many
@@ -75,7 +93,7 @@ def assemble(parts: Iterable[pa.Table]) -> pa.Buffer:
         pending: list[pa.Table] = []
         rows = 0
         for part in parts:
-            pending.append(part.select(SCHEMA.names).cast(SCHEMA))
+            pending.append(conform(part))
             rows += part.num_rows
             if len(pending) >= COMPACT_EVERY:  # many small parts: hold their rows, not a table object each
                 pending = [pa.concat_tables(pending).combine_chunks()]

@@ -296,9 +296,13 @@ class ShardProcessor:
             return lowres, highres, guidance
 
     def _encode(self, images: np.ndarray, items: list[_Decoded], timing: list[float] | None = None
-                ) -> tuple[dict[str, np.ndarray], list[bool]]:
-        """A batch -> arrays by group, and whether each sample has a label."""
+                ) -> tuple[dict[str, np.ndarray], list[bool], list[dict]]:
+        """A batch -> arrays by group, whether each sample has a label, and each sample's quality columns."""
+        from featup_ops.upsampler_metrics import lowres_agreement
+
         lowres, highres, guidance = self._compute(images, timing)
+        rel_error, cosine = lowres_agreement(highres, lowres)  # on the device, from the tensors in hand
+        quality = [manifest.quality(e, c) for e, c in zip(rel_error.tolist(), cosine.tolist())]
         out = self.preset.encode(highres, images)
         if LOWRES_GROUP in {s.group for s in self._specs()}:
             out[LOWRES_GROUP] = lowres.to(getattr(torch, self.preset.lowres_dtype())).cpu().numpy()
@@ -314,7 +318,7 @@ class ShardProcessor:
                 if item.label is not None:
                     labels[i], has_label[i] = item.label, True
             out[LABELS_GROUP] = labels
-        return out, has_label
+        return out, has_label, quality
 
     def fit_pca(self, shards: list[Shard], images: int, k: int, pixels_per_image: int = 4096, seed: int = 0
                 ) -> tuple[np.ndarray, np.ndarray, float, int]:
@@ -395,15 +399,16 @@ class ShardProcessor:
             if not batch:
                 return
             timing: list[float] = []
-            arrays, has_label = self._encode(np.stack([b.image for b in batch]), batch, timing)
+            arrays, has_label, quality = self._encode(np.stack([b.image for b in batch]), batch, timing)
             result.compute_seconds += sum(timing)
             writer.put(arrays)
             result.bytes_written += sum(sum(map(len, a)) if a.dtype == object else a.nbytes for a in arrays.values())
-            for item, labelled in zip(batch, has_label):
+            for item, labelled, agreement in zip(batch, has_label, quality):
                 rows.append(manifest.ok_row(item.key, shard.shard_id, shard.url, item.sample_index, self.preset.name,
                                             path[FEATURES_GROUP], path[LOWRES_GROUP],
                                             path[LABELS_GROUP] if labelled else None, len(keys), self.hr_hw,
                                             item.geometry))
+                rows[-1].update(agreement)
                 keys.append(item.key)
             batch.clear()
 

@@ -42,6 +42,7 @@ from pipeline.caching.presets import Preset, decode_stored_image, pca_components
 from pipeline.options import ConfigError
 from pipeline.reading.key_index import DuplicateKeyError, KeyIndex, KeySelection, below_fraction, hash_keys
 from pipeline.storage.filesystems import protocol_of
+from pipeline.upsampler_weights import WEIGHTED_UPSAMPLERS
 
 Crop = tuple[int, int, int, int]  # top, left, height, width in high-res feature pixels
 IGNORE_LABEL = 255
@@ -77,6 +78,19 @@ def _numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     if isinstance(column, pa.ChunkedArray):
         return np.concatenate([c.to_numpy(zero_copy_only=False) for c in column.chunks] or [np.zeros(0)])
     return column.to_numpy(zero_copy_only=False)
+
+
+def upsample_lowres(upsampler: torch.nn.Module, lowres: np.ndarray, image: np.ndarray, device: str = "cpu"
+                    ) -> np.ndarray:
+    """High-res features (C, H', W') of one sample from its low-res features (C, h, w) and its image (3, H, W)
+    uint8, as the caching job's model calls its upsampler (guided by the ImageNet-normalised image)."""
+    from featup_ops import FeatureModel
+
+    features = torch.from_numpy(np.asarray(lowres)).float()[None].to(device)
+    pixels = torch.from_numpy(np.ascontiguousarray(image)).float()[None].to(device) / 255
+    with torch.no_grad():
+        highres = upsampler(features, FeatureModel.guidance(pixels))
+    return highres[0].cpu().numpy()
 
 
 class CacheError(ConfigError):
@@ -303,13 +317,16 @@ class FeatureCache(torch.utils.data.Dataset):
     def _replay_upsampler(self):
         """The lowres preset's upsampler, rebuilt exactly as the job ran it."""
         if self._upsampler is None:
-            from featup_ops import create_upsampler, load_jbu
+            from featup_ops import create_upsampler
 
-            kind = self.run.get("settings", {}).get("upsampler")
-            if kind == "jbu":
-                self._upsampler = load_jbu(self.store.url_of(UPSAMPLER_NAME), self.store.resolved_options)
+            settings = self.run.get("settings", {})
+            kind = settings.get("upsampler")
+            options = dict(settings.get("upsampler_options") or {})
+            if kind in WEIGHTED_UPSAMPLERS:  # the exact weights the job ran, kept with the cache
+                self._upsampler = create_upsampler(kind, self.dim, weights=self.store.url_of(UPSAMPLER_NAME),
+                                                   storage_options=self.store.resolved_options, **options)
             else:
-                self._upsampler = create_upsampler(kind, self.dim)
+                self._upsampler = create_upsampler(kind, self.dim, **options)
             self._upsampler = self._upsampler.to(self.device).eval()
         return self._upsampler
 
@@ -321,14 +338,9 @@ class FeatureCache(torch.utils.data.Dataset):
         return decode_stored_image(self._array("image", name)[row])
 
     def _replay(self, name: str, row: int) -> np.ndarray:
-        from featup_ops import FeatureModel
-
-        lowres = torch.from_numpy(np.asarray(self._array(LOWRES_GROUP, name)[row])).float()[None].to(self.device)
+        lowres = np.asarray(self._array(LOWRES_GROUP, name)[row])
         stored = decode_stored_image(self._array("image", name)[row])
-        image = torch.from_numpy(stored).float()[None].to(self.device) / 255
-        with torch.no_grad():
-            highres = self._replay_upsampler()(lowres, FeatureModel.guidance(image))
-        return highres[0].cpu().numpy()
+        return upsample_lowres(self._replay_upsampler(), lowres, stored, self.device)
 
     def read(self, item: int | str, crop: Crop | None = None) -> np.ndarray:
         """High-res features (C, H, W) of a sample, or of the crop (top, left, height, width) of them.

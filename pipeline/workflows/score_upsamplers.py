@@ -18,6 +18,7 @@ from pipeline.options import ConfigError, option
 from pipeline.storage.filesystems import put_json, resolve_options
 from pipeline.storage.images import SampleError, images_to_tensor, load_sample_image
 from pipeline.storage.shards import InputError, iter_samples, resolve_shards
+from pipeline.upsampler_weights import WEIGHTS_HELP, assign_weights
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +30,13 @@ class EvalConfig:
     input: list[str] = option(required=True, repeat=True, help="shard pattern, list file or index.json (repeatable)")
     backbone: str = option(required=True, help="registered backbone name or timm model id")
     upsampler: list[str] = option(required=True, repeat=True,
-                                  help="repeatable: bilinear, bicubic, jbu, implicit, truth (oracle only)")
+                                  help="repeatable: bilinear, bicubic, jbu, anyup, implicit, truth (oracle only)")
     json: str | None = option(None, help="write the scores here (local or fsspec URL)")
     image_size: int = option(224, help="resize + centre-crop size")
-    upsampler_weights: str | None = option(None, help="JBU checkpoint (file or folder, local or s3://)")
+    upsampler_weights: list[str] | None = option(None, repeat=True, metavar="[NAME=]PATH|URL", help=WEIGHTS_HELP)
     backbone_weights: str | None = option(None, help="backbone weights file (local or s3://); default: timm/HF "
                                                      "cache")
-    random_init: bool = option(False, help="random timm backbone / untrained JBU (tests only)")
+    random_init: bool = option(False, help="random timm backbone / untrained JBU or AnyUp (tests only)")
     batch_size: int = option(4, help="images per forward pass")
     limit: int | None = option(None, help="evaluate at most this many images")
     recon_views: int = option(5, help="jittered views per image for recon_error")
@@ -57,10 +58,10 @@ class EvalConfig:
                 problems.append(f"unknown --upsampler {name!r} (known: {', '.join(sorted(known))})")
         if len(set(self.upsampler)) != len(self.upsampler):
             problems.append(f"an --upsampler is given twice: {self.upsampler}")
-        if "jbu" in self.upsampler and self.upsampler_weights is None and not self.random_init:
-            problems.append("--upsampler jbu needs --upsampler-weights (or --random-init for an untrained stack)")
-        if self.upsampler_weights is not None and "jbu" not in self.upsampler:
-            problems.append("--upsampler-weights given without --upsampler jbu")
+        try:
+            self.weights()
+        except ConfigError as exc:
+            problems.append(str(exc))
         for name in ("image_size", "batch_size", "recon_views"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
@@ -71,6 +72,10 @@ class EvalConfig:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
         if problems:
             raise ConfigError("; ".join(problems))
+
+    def weights(self) -> dict[str, str | None]:
+        """Each named upsampler's weights (None: none, or AnyUp's published ones)."""
+        return assign_weights(self.upsampler, self.upsampler_weights, self.random_init)
 
     def implicit_options(self) -> dict:
         opts = {"steps": self.implicit_steps, "views": self.implicit_views, "total_views": self.implicit_total_views}
@@ -111,9 +116,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, dict]:
     backbone = create_backbone(cfg.backbone, weights=cfg.backbone_weights, random_init=cfg.random_init,
                                storage_options=resolve_options(cfg.backbone_weights, cfg.storage_options))
     upsamplers = {}
-    for name in cfg.upsampler:
+    for name, weights in cfg.weights().items():
         kwargs = cfg.implicit_options() if name == "implicit" else {}
-        weights = cfg.upsampler_weights if name == "jbu" else None
         upsamplers[name] = create_upsampler(name, backbone.dim, weights=weights, random_init=cfg.random_init,
                                             storage_options=resolve_options(weights, cfg.storage_options), **kwargs)
     norms = {n: u.channel_norm for n, u in upsamplers.items() if getattr(u, "channel_norm", None) is not None}

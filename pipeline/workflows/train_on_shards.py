@@ -35,6 +35,8 @@ class TrainJobConfig:
     input: list[str] = option(required=True, repeat=True, help="shard pattern, list file or index.json (repeatable)")
     backbone: str = option(required=True, help="registered backbone name or timm model id")
     output: str = option(required=True, help="checkpoint folder, local or fsspec URL (s3://...)")
+    upsampler: str = option("jbu", help="the upsampler trained: jbu (the only one this job trains; AnyUp is "
+                                        "trained once for every backbone by jobs/train_anyup.py)")
     steps: int = option(2000, help="total optimisation steps (the reference recipe: 2000)")
     batch_size: int = option(4, help="images per step per worker")
     image_size: int = option(224, help="resize + centre-crop size")
@@ -76,6 +78,13 @@ class TrainJobConfig:
 
     def validate(self) -> None:
         problems = []
+        if self.upsampler == "anyup":
+            problems.append("--upsampler anyup: this job trains a JBU for one backbone; AnyUp is trained once for "
+                            "every backbone by jobs/train_anyup.py, or use its published weights as they are "
+                            "(jobs/upsample_coco.py and jobs/eval_upsampler.py --upsampler anyup)")
+        elif self.upsampler != "jbu":
+            problems.append(f"--upsampler {self.upsampler}: this job trains the jbu upsampler only (bilinear and "
+                            "bicubic have nothing to train; the implicit model is fitted per image when caching)")
         if self.steps <= 0:
             problems.append(f"--steps must be > 0 (got {self.steps})")
         if self.batch_size <= 0:
