@@ -52,11 +52,11 @@ def ok_row(key: str, shard: str, source: str, sample_index: int, storage: str, f
     return {"key": key, "shard": shard, "source": source, "sample_index": sample_index, "status": "ok",
             "error": None, "storage": storage, "features_array": features_array, "lowres_array": lowres_array,
             "labels_array": labels_array, "index": index, "feature_height": feature_hw[0],
-            "feature_width": feature_hw[1], **geometry.as_dict()}
+            "feature_width": feature_hw[1], **geometry.as_dict(), **quality(None, None)}
 
 
-def quality(pooled_rel_error: float, pooled_cosine: float) -> dict:
-    """The per-sample quality columns of an ok row (see SCHEMA)."""
+def quality(pooled_rel_error: float | None, pooled_cosine: float | None) -> dict:
+    """The per-sample quality columns of a row (see SCHEMA; None until the sample's features are measured)."""
     return {"pooled_rel_error": pooled_rel_error, "pooled_cosine": pooled_cosine}
 
 
@@ -65,6 +65,7 @@ def error_row(key: str, shard: str, source: str, sample_index: int, error: str) 
            "error": error, "storage": None, "features_array": None, "lowres_array": None, "labels_array": None,
            "index": None, "feature_height": None, "feature_width": None}
     row.update({f: None for f in _GEOMETRY_FIELDS})
+    row.update(quality(None, None))
     return row
 
 
