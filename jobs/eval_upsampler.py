@@ -4,6 +4,10 @@
         --upsampler bilinear --upsampler bicubic --upsampler jbu --upsampler-weights ckpt/ \
         --upsampler implicit --json scores.json
 
+    # AnyUp beside a JBU: name each learned upsampler's weights
+    python jobs/eval_upsampler.py --input 'heldout/shard-*.tar' --backbone dinov2 --upsampler jbu --upsampler anyup \
+        --upsampler-weights jbu=s3://bkt/ckpt/dinov2_jbu.ckpt --upsampler-weights anyup=anyup_multi_backbone.pth
+
 Prints a table and writes JSON mapping each upsampler to {"rel_error", "cosine", "recon_error",
 "seconds_per_image", "images"} (rel_error/cosine are null for backbones without a known truth).
 Every upsampler sees the same images and the same jittered views.

@@ -1,6 +1,9 @@
 """Render PCA previews (image | low-res | high-res features, first three components as RGB) of cached samples.
 
   python jobs/preview.py --cache ./demo_output/features.zarr --key astronaut --key coffee --out ./previews
+
+  # add a panel per upsampler re-run on the cached low-res features and image (here AnyUp's published weights)
+  python jobs/preview.py --cache ./demo_output/features.zarr --key astronaut --upsampler anyup
 """
 
 from __future__ import annotations

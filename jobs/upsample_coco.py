@@ -4,6 +4,9 @@
       --input 's3://bkt/coco/train-{000000..000123}.tar' --output s3://bkt/feats/dinov2_jbu.zarr \\
       --backbone dinov2 --upsampler jbu --upsampler-weights s3://bkt/ckpt/dinov2_jbu.ckpt
 
+  # AnyUp, any backbone, no training: the published multi-backbone weights (or --upsampler-weights PATH|URL)
+  ... --backbone dinov2 --upsampler anyup
+
 With no arguments it runs the embedded demo: shards built from scikit-image's sample photographs, a
 local Ray instance, output under ./demo_output/.
 """

@@ -1,4 +1,5 @@
-"""PCA preview pictures of cached samples, written next to the cache as <output>/previews/<key>.png."""
+"""PCA preview pictures of cached samples, written next to the cache as <output>/previews/<key>.png: image |
+low-res | high-res features, and optionally more upsamplers re-run on the cached low-res features, side by side."""
 
 from __future__ import annotations
 
