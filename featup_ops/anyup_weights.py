@@ -150,7 +150,7 @@ def create_anyup(dim: int, weights: str | Mapping | None = None, random_init: bo
                              "cuda_ext.window_attention)")
     if q_chunk_size is not None and int(q_chunk_size) < 1:
         raise UpsamplerError(f"anyup q_chunk_size must be a positive number of queries, got {q_chunk_size}")
-    check_output_scale(output_scale)
+    _check_output_scale(output_scale)
     if weights is None and random_init:
         return AnyUpUpsampler(random_anyup(attention), q_chunk_size, output_scale)
     if weights is None:
@@ -159,10 +159,9 @@ def create_anyup(dim: int, weights: str | Mapping | None = None, random_init: bo
     return AnyUpUpsampler(load_anyup(weights, storage_options, attention=attention), q_chunk_size, output_scale)
 
 
-def check_output_scale(output_scale: float) -> float:
-    """An AnyUp output scale in (0, 1], else an UpsamplerError saying so (its queries are pooled from the image's
-    pixels, so a larger output would only repeat them)."""
+def _check_output_scale(output_scale: float) -> None:
+    """Refuses an AnyUp output scale outside (0, 1]: its queries are pooled from the image's pixels, so a larger
+    output would only repeat them."""
     if not 0 < float(output_scale) <= 1:
-        raise UpsamplerError(f"anyup output_scale must be in (0, 1] (the output's size relative to the image's), "
-                             f"got {output_scale}")
-    return float(output_scale)
+        raise UpsamplerError(f"anyup output_scale (--output-scale) must be in (0, 1], the output's size relative "
+                             f"to the image's; got {output_scale}")

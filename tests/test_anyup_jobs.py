@@ -297,8 +297,8 @@ def test_caching_job_refuses_bad_anyup_settings(photo_shards, tmp_path):
 
     with pytest.raises(ConfigError, match="--output-scale 0.5 applies to --upsampler anyup only"):
         replace(base, upsampler="bilinear", output_scale=0.5).validate()
-    with pytest.raises(ConfigError, match=r"--output-scale must be in \(0, 1\]"):
-        replace(base, upsampler="anyup", output_scale=2.0).validate()
+    with pytest.raises(ConfigError, match=r"output_scale \(--output-scale\) must be in \(0, 1\].*got 2.0"):
+        run_job(replace(base, upsampler="anyup", random_init=True, output_scale=2.0))
     with pytest.raises(ConfigError, match="AnyUp weights not found"):
         run_job(replace(base, upsampler="anyup", upsampler_weights=str(tmp_path / "missing.pth")))
     assert not (tmp_path / "o").exists()

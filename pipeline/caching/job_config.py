@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.options import ConfigError, option, record_of
-from pipeline.upsampler_weights import WEIGHTED_UPSAMPLERS  # kept with a lowres cache (upsampler.safetensors)
 
 DTYPES = ("float16", "bfloat16", "float32")
 LABEL_SOURCES = ("auto", "oracle", "none")
@@ -20,7 +19,7 @@ FREE_SIZE_UPSAMPLERS = ("anyup",)
 
 IO, MODEL, STORED, RUN = "input and output", "model", "what is stored", "execution"
 
-__all__ = ["ConfigError", "JobConfig", "DTYPES", "WEIGHTED_UPSAMPLERS"]
+__all__ = ["ConfigError", "JobConfig", "DTYPES"]
 
 
 @dataclass(frozen=True)
@@ -132,9 +131,6 @@ class JobConfig:
             raise ConfigError(f"--output-scale {self.output_scale} applies to --upsampler "
                               f"{'/'.join(FREE_SIZE_UPSAMPLERS)} only: {self.upsampler} outputs a fixed multiple of "
                               "the feature grid")
-        if not 0 < self.output_scale <= 1:
-            raise ConfigError(f"--output-scale must be in (0, 1] (the high-res size relative to the image's), "
-                              f"got {self.output_scale}")
         from pipeline.caching.presets import PresetError, validate
 
         try:
