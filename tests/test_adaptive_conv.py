@@ -247,10 +247,12 @@ def test_float64_on_cuda_takes_the_fallback():
     assert ops_module.kernels_for("cuda", torch.float64) is FALLBACK
 
 
-# ---- the CUDA launch plan (host code, checked through the CPU extension) -------------------------------
+# ---- the CUDA launch plan and tile layout (host code, checked through the CPU extension) -----------------
 
 H100_SHARED = (49152, 232448)  # H100: per-block shared memory without and with the opt-in (bytes)
 GRID_X, GRID_YZ = 2**31 - 1, 65535  # CUDA's limits on gridDim.x and gridDim.y/z
+THREADS, LANES_X, TILE_H = 128, 8, 16  # a block: 8 threads along a tile row, 16 tile rows
+TEMPLATED_K = (1, 3, 5, 7, 9, 11)  # compile-time filter sizes; any other k takes the runtime-k kernels
 
 
 def launch_plan(op, B, C, H, W, k, deterministic=False, shared=H100_SHARED):
@@ -261,6 +263,24 @@ def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def pixels_per_thread(k: int) -> int:
+    """Adjacent pixels one thread computes: as many as the registers for their k*k taps allow."""
+    return {1: 4, 3: 4, 5: 4, 7: 4, 9: 2}.get(k, 1)
+
+
+def tile_width(k: int) -> int:
+    return LANES_X * pixels_per_thread(k)
+
+
+def patch_bytes(k: int) -> int:
+    """Shared memory of a block: (16+k-1) patch rows of tile_width+k-1 columns, each row split into p phases of
+    ceil(cols/p) words and padded to a stride of 8 mod 32 words; two buffers for the templated k."""
+    p = pixels_per_thread(k)
+    stride = p * ceil_div(tile_width(k) + k - 1, p)
+    stride += (8 - stride) % 32
+    return (2 if k in TEMPLATED_K else 1) * (TILE_H + k - 1) * stride * 4
+
+
 @pytest.mark.parametrize(
     "op, B, C, H, W, k",
     [
@@ -269,19 +289,22 @@ def ceil_div(a: int, b: int) -> int:
         ("grad_filters", 65536, 33, 17, 16, 7),
         ("forward", 1, 32 * 65535 + 1, 1, 1, 1),  # 65,536 channel groups: two chunks along y
         ("grad_filters", 65535, 40, 3, 3, 3),  # exactly at the limit: one launch
+        ("grad_input", 3, 40, 37, 75, 9),  # several tiles along both axes
+        ("forward", 2, 40, 37, 75, 13),  # runtime k
     ],
 )
 def test_launch_plan_covers_batch_and_channels_within_grid_limits(op, B, C, H, W, k):
     plan = launch_plan(op, B, C, H, W, k)
     rows, cols = (H + k - 1, W + k - 1) if op == "grad_input" else (H, W)
-    assert plan["block"] == (16, 16)
+    assert plan["threads"] == THREADS
     launches = plan["launches"]
     assert len(launches) == ceil_div(B, GRID_YZ) * ceil_div(ceil_div(C, 32), GRID_YZ)
     cells = []  # (batch range, channel-group range) of each launch
     for launch in launches:
         gx, gy, gz = launch["grid"]
         assert gx <= GRID_X and gy <= GRID_YZ and gz <= GRID_YZ
-        assert launch["tiles_w"] == ceil_div(cols, 16) and gx == ceil_div(rows, 16) * ceil_div(cols, 16)
+        assert launch["tile"] == (tile_width(k), TILE_H)
+        assert launch["tiles_w"] == ceil_div(cols, tile_width(k)) and gx == ceil_div(rows, TILE_H) * launch["tiles_w"]
         assert launch["channels_per_group"] == 32
         cells.append(((launch["batch0"], launch["batch0"] + gz), (launch["group0"], launch["group0"] + gy)))
     # The launches tile [0, B) x [0, groups) exactly: inside it, no overlap, total area equal.
@@ -299,9 +322,9 @@ def test_launch_plan_covers_batch_and_channels_within_grid_limits(op, B, C, H, W
         (32, 3, False, 1, False, False),  # one channel group: plain stores (JBU's key_dim 32)
         (40, 3, False, 2, True, True),  # two groups meet in the buffer with atomicAdd
         (40, 9, True, 1, False, False),  # deterministic: one group holds all 40 channels, no atomics
-        (40, 11, False, 2, True, True),  # runtime k
-        (40, 11, True, 1, False, True),  # runtime k, deterministic: one writer per tap, buffer starts at 0
-        (32, 1, False, 1, False, True),
+        (40, 13, False, 2, True, True),  # runtime k
+        (40, 13, True, 1, False, False),  # runtime k, deterministic: each tap written once, by one thread
+        (32, 1, False, 1, False, False),
         (0, 3, False, 0, False, True),  # no channels: nothing to launch, the result is all zeros
     ],
 )
@@ -327,27 +350,101 @@ def test_launch_plan_launches_nothing_for_empty_work(op, B, C):
 
 
 def largest_fitting_k(limit: int) -> int:
-    return max(k for k in range(1, 1001, 2) if (16 + k - 1) ** 2 * 4 <= limit)
+    return max(k for k in range(1, 1001, 2) if patch_bytes(k) <= limit)
+
+
+def smallest_k_over(limit: int) -> int:
+    return min(k for k in range(1, 1001, 2) if patch_bytes(k) > limit)
 
 
 @pytest.mark.parametrize("op", ["forward", "grad_input", "grad_filters"])
 @pytest.mark.parametrize("shared", [H100_SHARED, (49152, 101376)], ids=["H100", "99KiB-opt-in"])
 def test_launch_plan_shared_memory(op, shared):
     default, optin = shared
-    for k in (1, 11, 95, 97, largest_fitting_k(optin)):
+    first_opt_in = smallest_k_over(default)
+    assert first_opt_in == 99  # a 114-row patch of 106 columns at a 136-word stride: 62,016 bytes
+    for k in (1, 7, 11, 13, first_opt_in - 2, first_opt_in, largest_fitting_k(optin)):
         plan = launch_plan(op, 1, 4, 8, 8, k, shared=shared)
-        patch = (16 + k - 1) ** 2 * 4  # one float per pixel of the (16+k-1)^2 patch
-        assert plan["shared_bytes"] == patch
-        assert plan["opt_in"] == (patch > default)  # k >= 97 needs cudaFuncSetAttribute
+        assert plan["shared_bytes"] == patch_bytes(k)
+        assert plan["opt_in"] == (patch_bytes(k) > default)
     too_big = largest_fitting_k(optin) + 2
-    with pytest.raises(RuntimeError, match=rf"k={too_big} needs {(15 + too_big) ** 2 * 4} bytes .* limit of {optin} "
+    with pytest.raises(RuntimeError, match=rf"k={too_big} needs {patch_bytes(too_big)} bytes .* limit of {optin} "
                                            rf"bytes; the largest filter size it runs is k={largest_fitting_k(optin)}"):
         launch_plan(op, 1, 4, 8, 8, too_big, shared=shared)
 
 
 def test_launch_plan_refuses_planes_beyond_grid_x():
     with pytest.raises(RuntimeError, match="grid limit"):
-        launch_plan("forward", 1, 1, 800_000, 800_000, 3)  # 2.5e9 tiles of 16x16
+        launch_plan("forward", 1, 1, 2_000_000, 2_000_000, 3)  # 7.8e9 tiles of 32x16
+
+
+@pytest.mark.parametrize("k", [*TEMPLATED_K, 13, 2, 97])
+def test_patch_layout_is_bank_conflict_free(k):
+    """Every shared-memory load of the kernels' inner loop puts a warp's 32 lanes in 32 distinct banks, and the
+    patch's words do not overlap."""
+    layout = cpu_module().cuda_patch_layout(k)
+    p = pixels_per_thread(k)
+    assert layout["pixels_per_thread"] == p and layout["tile"] == (tile_width(k), TILE_H)
+    index = layout["index"]
+    assert index.shape == (TILE_H + k - 1, tile_width(k) + k - 1)
+    assert index.unique().numel() == index.numel() and index.min() >= 0
+    assert index.max() < (TILE_H + k - 1) * layout["row_stride"] and patch_bytes(k) == \
+        layout["buffers"] * index.shape[0] * layout["row_stride"] * 4
+    # Lane l of warp w is thread t = 32w + l: tile row t // 8, pixels (t % 8) * p + q. For patch row offset i and
+    # column offset q + j (q < p, j < k), it reads patch(row + i, (t % 8) * p + q + j).
+    for warp in range(THREADS // 32):
+        lanes = torch.arange(32 * warp, 32 * warp + 32)
+        rows, cols = lanes // LANES_X, lanes % LANES_X * p
+        for i in range(k):
+            for offset in range(p + k - 1):
+                banks = index[rows + i, cols + offset] % 32
+                assert banks.unique().numel() == 32, (warp, i, offset, banks.tolist())
+
+
+# ---- the CUDA kernels' thread programs, replayed on the host ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def replay_module():
+    """Host replay of the CUDA kernels' own thread code (cuda_ext/csrc/adaptive_conv_replay.cpp), built here."""
+    from torch.utils import cpp_extension
+
+    csrc = ROOT / "cuda_ext" / "csrc"
+    return cpp_extension.load(name="featup_adaptive_conv_replay", sources=[str(csrc / "adaptive_conv_replay.cpp")],
+                              extra_include_paths=[str(csrc)], extra_cflags=["-O1"])
+
+
+# (B, C, H, W): partial tiles of every width; C = 32 one channel group (plain stores), 40 two (atomics); a plane
+# of several tiles along both axes.
+REPLAY_SHAPES = [(2, 32, 19, 23), (2, 40, 19, 23), (1, 3, 37, 75)]
+
+
+@pytest.mark.parametrize("k", [*TEMPLATED_K, 13])
+@pytest.mark.parametrize("shape", REPLAY_SHAPES, ids=["one-group", "two-groups", "many-tiles"])
+def test_cuda_thread_programs_replayed_on_host(replay_module, shape, k):
+    B, C, H, W = shape
+    x, f, go = (t.float() for t in (*random_case(B, C, H, W, k, seed=k + C), torch.randn(B, C, H, W)))
+    results = [replay_module.replay(op, a, b, False, *H100_SHARED)
+               for op, a, b in (("forward", x, f), ("grad_input", go, f), ("grad_filters", go, x))]
+    # NaN marks a read of an unstaged shared-memory word or an output nobody wrote.
+    assert not any(r.isnan().any() for r in results)
+    assert_matches_float64(x, f, go, results, FLOAT32_TOL)
+    deterministic = replay_module.replay("grad_filters", go, x, True, *H100_SHARED)
+    assert_matches_float64(x, f, go, (results[0], results[1], deterministic), FLOAT32_TOL)
+
+
+def test_cuda_thread_programs_replayed_with_even_k_and_opt_in_patch(replay_module):
+    # The filter gradient accepts any k (even ones take the runtime-k programs); k = 99 needs the opt-in patch.
+    for k, (B, C, H, W) in ((4, (2, 40, 19, 23)), (smallest_k_over(H100_SHARED[0]), (1, 2, 3, 2))):
+        x, _, go = (t.float() for t in (*random_case(B, C, H, W, k, seed=k), torch.randn(B, C, H, W)))
+        pairs = [(replay_module.replay("grad_filters", go, x, False, *H100_SHARED),
+                  torch.einsum("bchw,bchwij->bhwij", go.double(), x.double().unfold(2, k, 1).unfold(3, k, 1)))]
+        if k % 2:
+            f = torch.randn(B, H, W, k, k)
+            pairs.append((replay_module.replay("forward", x, f, False, *H100_SHARED),
+                          cuda_ext.adaptive_conv_reference(x.double(), f.double())))
+        for got, want in pairs:
+            assert ((got.double() - want).abs().max() / want.abs().max()).item() <= FLOAT32_TOL
 
 
 # ---- CUDA: compile here, run where a GPU exists ---------------------------------------------------------
@@ -392,8 +489,8 @@ def test_cuda_kernel_compiles():
 requires_two_gpus = pytest.mark.skipif(
     torch.cuda.device_count() < 2, reason=f"needs two CUDA GPUs ({torch.cuda.device_count()} on this machine)"
 )
-# float32 accumulates at most k*k = 121 products per output (forward, input gradient) or C = 72 channels
-# (filter gradient) here: rounding stays far below 1e-5 of the largest value (k = 97 sums 9,409 products,
+# float32 accumulates at most k*k = 169 products per output (forward, input gradient) or C = 72 channels
+# (filter gradient) here: rounding stays far below 1e-5 of the largest value (k = 99 sums 9,801 products,
 # about 2e-6 in expectation).
 FLOAT32_TOL = 1e-5
 
@@ -432,12 +529,13 @@ def cuda_case(B, C, H, W, k, seed, dtype=torch.float32, device="cuda"):
 
 
 @requires_cuda
-@pytest.mark.parametrize("k", [1, 3, 5, 7, 9, 11])
-@pytest.mark.parametrize("C", [32, 40], ids=["one-channel-group", "two-channel-groups"])
-def test_cuda_kernel_paths_float32(cuda_kernels, C, k):
-    # 19 x 23 pixels: partial 16x16 tiles; C = 32 takes the plain-store filter gradient, C = 40 the atomic one;
-    # k = 3..9 the templated kernels, k = 1 and 11 the runtime-k ones.
-    x, f, go = cuda_case(2, C, 19, 23, k, seed=C + k)
+@pytest.mark.parametrize("k", [*TEMPLATED_K, 13])
+@pytest.mark.parametrize("shape", REPLAY_SHAPES, ids=["one-group", "two-groups", "many-tiles"])
+def test_cuda_kernel_paths_float32(cuda_kernels, shape, k):
+    # 19 x 23 pixels: partial tiles (8 to 32 wide, 16 high); C = 32 takes the plain-store filter gradient, C = 40
+    # the atomic one; 37 x 75 spans several tiles both ways. k = 1..11 the templated kernels, 13 the runtime-k ones.
+    B, C, H, W = shape
+    x, f, go = cuda_case(B, C, H, W, k, seed=C + k)
     results = op_and_grads(x, f, go)
     assert_matches_float64(x, f, go, results, FLOAT32_TOL)
     assert (results[2] != 0).float().mean() > 0.99  # all k*k taps receive a gradient
@@ -445,7 +543,7 @@ def test_cuda_kernel_paths_float32(cuda_kernels, C, k):
 
 @requires_cuda
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("k", [3, 7, 11])
+@pytest.mark.parametrize("k", [3, 7, 11, 13])
 def test_cuda_half_precision(cuda_kernels, dtype, tol, k):
     # 16-bit inputs, float32 accumulation: the error is the final rounding to 16 bits.
     x, f, go = cuda_case(2, 40, 19, 23, k, seed=k, dtype=dtype)
@@ -455,7 +553,7 @@ def test_cuda_half_precision(cuda_kernels, dtype, tol, k):
 
 
 @requires_cuda
-@pytest.mark.parametrize("k", [3, 11])
+@pytest.mark.parametrize("k", [3, 13])
 def test_cuda_zero_channels(cuda_kernels, k):
     check_zero_channels("cuda", torch.float32, k)
     torch.cuda.synchronize()
@@ -522,7 +620,7 @@ def test_cuda_non_contiguous_inputs(cuda_kernels):
 
 
 @requires_cuda
-@pytest.mark.parametrize("k", [3, 11])
+@pytest.mark.parametrize("k", [3, 11, 13])
 def test_cuda_deterministic_mode(cuda_kernels, k):
     # 72 channels: three groups, which the filter gradient otherwise combines with atomics.
     x, f, go = cuda_case(2, 72, 19, 23, k, seed=20 + k)
@@ -540,8 +638,10 @@ def test_cuda_deterministic_mode(cuda_kernels, k):
 
 @requires_cuda
 def test_cuda_filters_beyond_default_shared_memory(cuda_kernels):
-    # k = 97: a 112 x 112 float patch (50,176 bytes) per block, above the 48 KiB available without an opt-in.
-    x, f, go = cuda_case(1, 2, 3, 2, 97, seed=97)
+    # k = 99: a patch of 114 rows at a 136-word stride (62,016 bytes) per block, above the 48 KiB available
+    # without an opt-in.
+    k = smallest_k_over(torch.cuda.get_device_properties(0).shared_memory_per_block)
+    x, f, go = cuda_case(1, 2, 3, 2, k, seed=k)
     assert_matches_float64(x, f, go, op_and_grads(x, f, go), FLOAT32_TOL)
     limit = torch.cuda.get_device_properties(x.device).shared_memory_per_block_optin
     k = largest_fitting_k(limit) + 2

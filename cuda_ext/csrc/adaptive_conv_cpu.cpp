@@ -191,12 +191,28 @@ pybind11::dict cuda_launch_plan(const std::string& op, int64_t B, int64_t C, int
   pybind11::list launches;
   for (const GridLaunch& l : plan.launches) {
     launches.append(pybind11::dict("grid"_a = pybind11::make_tuple(l.grid_x, l.grid_y, l.grid_z),
-                                   "tiles_w"_a = l.map.tiles_w, "batch0"_a = l.map.batch0, "group0"_a = l.map.group0,
+                                   "tiles_w"_a = l.map.tiles_w, "tile"_a = pybind11::make_tuple(l.map.tile_w, l.map.tile_h),
+                                   "batch0"_a = l.map.batch0, "group0"_a = l.map.group0,
                                    "channels_per_group"_a = l.map.channels_per_group));
   }
   return pybind11::dict("launches"_a = launches, "shared_bytes"_a = plan.shared_bytes, "opt_in"_a = plan.opt_in,
-                        "atomic"_a = plan.atomic, "zero_init"_a = plan.zero_init,
-                        "block"_a = pybind11::make_tuple(TILE_W, TILE_H));
+                        "atomic"_a = plan.atomic, "zero_init"_a = plan.zero_init, "threads"_a = BLOCK_THREADS);
+}
+
+// The CUDA kernels' tile for filter size k and the shared-memory word of each patch element (a (patch_h,
+// patch_w) int64 tensor): host code, exported so that GPU-less tests check the layout is bank-conflict free.
+pybind11::dict cuda_patch_layout(int64_t k) {
+  using namespace pybind11::literals;
+  TORCH_CHECK(k >= 1, "cuda_patch_layout: k must be positive, got ", k);
+  const TileShape s = tile_shape(k);
+  auto index = at::empty({s.patch_h, s.patch_w}, at::kLong);
+  auto a = index.accessor<int64_t, 2>();
+  for (int r = 0; r < s.patch_h; ++r) {
+    for (int c = 0; c < s.patch_w; ++c) a[r][c] = s.index(r, c);
+  }
+  return pybind11::dict("pixels_per_thread"_a = s.p, "tile"_a = pybind11::make_tuple(s.tile_w, s.tile_h),
+                        "lanes"_a = pybind11::make_tuple(LANES_X, LANES_Y), "row_stride"_a = s.row_stride,
+                        "buffers"_a = s.buffers, "index"_a = index);
 }
 
 }  // namespace featup
@@ -207,4 +223,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grad_input", &featup::grad_input_cpu, "dL/dX given dL/dY and K");
   m.def("grad_filters", &featup::grad_filters_cpu, "dL/dK given dL/dY and X");
   m.def("cuda_launch_plan", &featup::cuda_launch_plan, "launch plan of the CUDA kernels (host code, for tests)");
+  m.def("cuda_patch_layout", &featup::cuda_patch_layout, "tile and shared-memory patch layout of the CUDA kernels");
 }
