@@ -2,6 +2,7 @@
 
     python benchmarks/bench_window_attention.py            # CPU (and CUDA cases where a GPU exists)
     python benchmarks/bench_window_attention.py --quick    # the 224 cases only
+    python benchmarks/bench_window_attention.py --device cuda   # GPU only: window_attention_gpu.json
 
 Shapes as AnyUp calls the operator: batch 1, 4 heads of width 32, 384 value channels, AnyUp's windows,
 float32; 448x448 queries over a 32x32 key grid and 224x224 over 16x16. Forward (inference) for both, and
@@ -56,6 +57,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="the 224 cases only (smoke run)")
+    parser.add_argument("--device", choices=("all", "cpu", "cuda"), default="all",
+                        help="where to run: all = the CPU and, where one exists, the GPU")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(_case(*args.child)))
@@ -67,8 +70,13 @@ def main() -> None:
     cases = [("448 from 32", "forward"), ("224 from 16", "forward"), ("224 from 16", "forward+backward")]
     if args.quick:
         cases = cases[1:]
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU on this machine")
+    devices = {"all": ["cpu"] + (["cuda"] if torch.cuda.is_available() else []), "cpu": ["cpu"],
+               "cuda": ["cuda"]}[args.device]
+    name = "window_attention_gpu" if devices == ["cuda"] else "window_attention"
     rows, ratios = [], {}
-    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+    for device in devices:
         for size, mode in cases:
             res = {impl: harness.run_child(script, impl, size, mode, device) for impl in IMPLS}
             key = f"{device} {size} {mode}"
@@ -78,14 +86,14 @@ def main() -> None:
     print()
     print(harness.table([{k: v for k, v in r.items() if k != "raw"} for r in rows],
                         ["case", "impl", "median_s", "peak_extra_MB", "extra/output", "note"]))
-    path = harness.write_results("window_attention", {
+    path = harness.write_results(name, {
         "shape": {"heads": N, "head_width": D, "channels": C, "batch": 1, "dtype": "float32",
                   "windows": "cuda_ext.anyup_windows (ratio 0.1)", "sizes": {k: {"queries": f"{a}x{a}", "keys": f"{b}x{b}"}
                                                                         for k, (a, b) in SIZES.items()}},
         "cases": rows, "ratios": ratios})
     timed = [k for k, v in ratios.items() if "speedup" in v]
     by_case = {(r["case"], r["impl"]): r for r in rows if "median_s" in r}
-    png = harness.bar_chart(harness.RESULTS / "window_attention.png", "Fused windowed attention vs dense reference",
+    png = harness.bar_chart(path.with_suffix(".png"), "Fused windowed attention vs dense reference",
                             timed, {impl: [by_case[(c, impl)]["median_s"] for c in timed] for impl in IMPLS},
                             "seconds (median, log scale)", log=True)
     print(f"\nwrote {path} and {png}")

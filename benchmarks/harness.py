@@ -107,9 +107,10 @@ def machine() -> dict:
     return info
 
 
-def write_results(name: str, payload: dict) -> Path:
+def write_results(name: str, payload: dict, path: Path | None = None) -> Path:
+    """Writes the payload with date and machine to path (default benchmarks/results/<name>.json)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    path = path or RESULTS / f"{name}.json"
     payload = {"benchmark": name, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), **payload}
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path

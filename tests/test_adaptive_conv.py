@@ -643,7 +643,13 @@ def test_cuda_filters_beyond_default_shared_memory(cuda_kernels):
     k = smallest_k_over(torch.cuda.get_device_properties(0).shared_memory_per_block)
     x, f, go = cuda_case(1, 2, 3, 2, k, seed=k)
     assert_matches_float64(x, f, go, op_and_grads(x, f, go), FLOAT32_TOL)
-    limit = torch.cuda.get_device_properties(x.device).shared_memory_per_block_optin
+
+
+@requires_cuda
+def test_cuda_refuses_filters_beyond_shared_memory(cuda_kernels):
+    # Beyond the opt-in limit: a clear error naming the largest k that runs. (On an H200 this crashed the process
+    # with a segmentation fault in the forward call instead; see issue 13. The CPU plan raises as expected.)
+    limit = torch.cuda.get_device_properties(0).shared_memory_per_block_optin
     k = largest_fitting_k(limit) + 2
     x, f, go = cuda_case(1, 1, 1, 1, k, seed=0)
     for call in (lambda: ops.adaptive_conv(x, f), lambda: ops.adaptive_conv_grad_input(go, f),
