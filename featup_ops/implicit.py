@@ -242,9 +242,9 @@ def _view_pool(backbone: Backbone, images01: torch.Tensor, cfg: ImplicitConfig, 
                chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Jittered views' backbone features in each image's PCA space: (thetas (N,V,2,3), coeffs (N,V,D,h,w),
     pca mean, pca basis)."""
-    N, _, S, _ = images01.shape
+    N, _, H, W = images01.shape
     V = cfg.total_views
-    thetas = torch.stack([sample_jitter(N, S, cfg.jitter, per_sample=True, generator=generator).theta
+    thetas = torch.stack([sample_jitter(N, (H, W), cfg.jitter, per_sample=True, generator=generator).theta
                           for _ in range(V)], 1)                                     # (N,V,2,3)
     thetas[:, 0] = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]])                          # the image itself
     per_call = max(1, chunk // N)

@@ -111,13 +111,15 @@ def jitter_theta(flip: torch.Tensor, zoom: torch.Tensor, center_y: torch.Tensor,
     return torch.stack([torch.stack([sx, zeros, center_x], -1), torch.stack([zeros, scale, center_y], -1)], 1)
 
 
-def sample_jitter(batch: int, image_size: int, spec: JitterSpec = JitterSpec(), per_sample: bool = False,
-                  generator: torch.Generator | None = None) -> Jitter:
+def sample_jitter(batch: int, image_size: int | tuple[int, int], spec: JitterSpec = JitterSpec(),
+                  per_sample: bool = False, generator: torch.Generator | None = None) -> Jitter:
     """Random views; one transform shared by the batch (FeatUp's JBU recipe) unless `per_sample`.
 
-    Unzoomed views shift by whole pixels of the `image_size` image, so they resample it exactly.
+    `image_size`: the side of square images, or (height, width). Unzoomed views shift by whole pixels of
+    the image along each axis, so they resample it exactly.
     """
-    if batch < 1 or image_size < 1:
+    sizes = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if batch < 1 or min(sizes) < 1:
         raise ValueError(f"batch and image_size must be >= 1, got {batch}, {image_size}")
     n = batch if per_sample else 1
     u = torch.rand(n, 4, generator=generator, dtype=torch.float64)
@@ -126,10 +128,11 @@ def sample_jitter(batch: int, image_size: int, spec: JitterSpec = JitterSpec(), 
     zoom = torch.where(zoomed, 1 + torch.rand(n, generator=generator, dtype=torch.float64) * (spec.max_zoom - 1),
                        torch.ones(n, dtype=torch.float64))
     # window start (pixels of the original image) uniform in [-pad, size + pad - size/zoom]
-    span = image_size + 2 * spec.pad - image_size / zoom
-    starts = -spec.pad + u[:, 2:4] * span[:, None]
+    size = torch.tensor(sizes, dtype=torch.float64)  # (height, width): starts and centres are (y, x)
+    span = size + 2 * spec.pad - size / zoom[:, None]
+    starts = -spec.pad + u[:, 2:4] * span
     starts = torch.where(zoomed[:, None], starts, starts.round())
-    centers = 2 * starts / image_size + 1 / zoom[:, None] - 1
+    centers = 2 * starts / size + 1 / zoom[:, None] - 1
     theta = jitter_theta(flip, zoom, centers[:, 0], centers[:, 1]).float()
     return Jitter(theta.expand(batch, 2, 3).contiguous())
 

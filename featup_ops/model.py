@@ -143,6 +143,11 @@ class FeatureModel(nn.Module):
             return None
         return int(getattr(self.upsampler, "scale", 16))
 
+    @property
+    def patch_size(self) -> int:
+        """The backbone's stride: images whose sides are multiples of it lose no pixels to the feature grid."""
+        return self.backbone.patch_size
+
     def lowres_size(self, height: int, width: int) -> tuple[int, int]:
         return self.backbone.grid_size(height, width)
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.options import ConfigError, option, record_of
+from pipeline.storage.images import RESIZE_MODES
 
 DTYPES = ("float16", "bfloat16", "float32")
 LABEL_SOURCES = ("auto", "oracle", "none")
@@ -62,8 +63,12 @@ class JobConfig:
     implicit_views: int | None = option(None, group=MODEL, help="implicit upsampler: jittered views per step")
     random_init: bool = option(False, group=MODEL, help="explicitly allow deterministic random weights when none "
                                                         "are given (tests, demos)")
-    image_size: int = option(224, group=MODEL, help="images are resized (shorter side) and centre-cropped to this "
-                                                    "size")
+    image_size: int = option(224, group=MODEL, help="--resize crop: images are resized (shorter side) and "
+                                                    "centre-cropped to this size; fit: about this size squared pixels")
+    resize: str = option("crop", group=MODEL, choices=RESIZE_MODES,
+                         help="crop: resize + centre crop to a square (the paper's protocol); fit: the whole image at "
+                              "its own aspect ratio, about --image-size^2 pixels, each side a multiple of the "
+                              "backbone's patch, no padding (samples of one shape are batched and stored together)")
     dtype: str = option("float16", group=MODEL, choices=DTYPES,
                         help="compute precision on GPU, and the stored float type unless --storage says otherwise")
     storage: str | None = option(None, group=STORED, metavar="PRESET",
@@ -106,6 +111,8 @@ class JobConfig:
             raise ConfigError("no --output location")
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.resize not in RESIZE_MODES:
+            raise ConfigError(f"--resize {self.resize!r} is not one of {', '.join(RESIZE_MODES)}")
         if self.upsampler not in UPSAMPLERS:
             raise ConfigError(f"--upsampler {self.upsampler!r} is not one of {', '.join(UPSAMPLERS)}")
         positive = {"--image-size": self.image_size, "--batch-size": self.batch_size,
@@ -164,7 +171,7 @@ class JobConfig:
     def identity(self) -> dict:
         """The settings that determine the stored features; a rerun must match them to resume."""
         return {"backbone": self.backbone, "backbone_options": dict(self.backbone_options),
-                "upsampler": self.upsampler, "image_size": self.image_size, "dtype": self.dtype,
+                "upsampler": self.upsampler, "image_size": self.image_size, "resize": self.resize, "dtype": self.dtype,
                 "storage": self.storage_preset, "store_lowres": self.store_lowres, "labels": self.labels,
                 "random_init": self.random_init, "upsampler_options": self.upsampler_options,
                 "max_pixels": self.max_pixels, "min_side": self.min_side}

@@ -1,4 +1,5 @@
-"""The manifest: one row per input sample, saying where its features live and how the image was cropped.
+"""The manifest: one row per input sample, saying where its features live, at what shape, and how the image was
+resized and cropped (`--resize fit` caches hold arrays of several shapes: one per shape and shard attempt).
 
 Each shard attempt writes its rows as a Parquet part; `assemble` streams the committed parts into one
 manifest.parquet, a row group at a time, so the driver never holds more than a row group of rows.
@@ -35,15 +36,21 @@ SCHEMA = pa.schema([
     pa.field("resized_width", pa.int32()),
     pa.field("crop_top", pa.int32()),
     pa.field("crop_left", pa.int32()),
-    pa.field("crop_size", pa.int32()),
+    pa.field("crop_size", pa.int32()),  # the square window's side (--resize crop); null for fit
     # How well the high-res features, area-pooled to the backbone's grid, agree with its own low-res features
     # (featup_ops.upsampler_metrics.lowres_agreement): ||pool(hr) - lr|| / ||lr|| and the mean per-cell cosine.
     pa.field("pooled_rel_error", pa.float32()),
     pa.field("pooled_cosine", pa.float32()),
+    # added for --resize fit (older manifests lack them: crop_height = crop_width = crop_size, resize "crop")
+    pa.field("crop_height", pa.int32()),  # the window kept = the model's input image; the features cover it
+    pa.field("crop_width", pa.int32()),
+    pa.field("resize", pa.string()),  # "crop" or "fit"
+    pa.field("scale_y", pa.float32()),  # resized / original height: original y = (crop_top + y + 0.5) / scale_y - 0.5
+    pa.field("scale_x", pa.float32()),
 ])
 
 _GEOMETRY_FIELDS = ("orig_height", "orig_width", "orig_mode", "exif_orientation", "resized_height", "resized_width", "crop_top",
-                    "crop_left", "crop_size")
+                    "crop_left", "crop_size", "crop_height", "crop_width", "resize", "scale_y", "scale_x")
 
 
 def ok_row(key: str, shard: str, source: str, sample_index: int, storage: str, features_array: str,

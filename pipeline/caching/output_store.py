@@ -3,6 +3,8 @@
 Layout of <output>/:
     zarr.json, features/, lowres/      Zarr groups; one array per (shard, attempt): (N, C, H, W), one chunk per
                                        sample (one ranged GET), Blosc-zstd compressed. Plain `zarr.open` reads it.
+                                       `--resize fit`: one array per (shard, attempt, image shape), named
+                                       <shard>_<attempt>_<H>x<W> (`bucket_name`)
     _pipeline/job.json                 the settings this store was started with (a rerun must match them)
     _pipeline/parts/<array>.parquet    manifest rows of one shard attempt
     _pipeline/commits/<shard>.json     written LAST: the shard is done; names its arrays and part
@@ -25,6 +27,7 @@ import io
 import json
 import logging
 import os
+import re
 import uuid
 import warnings
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
@@ -61,6 +64,19 @@ UPSAMPLER_NAME = "upsampler.safetensors"
 MANIFEST_NAME = "manifest.parquet"
 RUN_NAME = "run.json"
 LEASE_FILE = "lease.json"  # under _pipeline/, see lease.py
+
+
+_BUCKET_SUFFIX = re.compile(r"_\d+x\d+$")
+
+
+def bucket_name(attempt: str, image_hw: tuple[int, int]) -> str:
+    """The array name of an attempt's samples of one image shape (`--resize fit` stores one per shape)."""
+    return f"{attempt}_{image_hw[0]}x{image_hw[1]}"
+
+
+def attempt_of(array: str) -> str:
+    """The attempt name an array belongs to: itself, or the attempt of a `bucket_name`."""
+    return _BUCKET_SUFFIX.sub("", array)
 
 
 class OutputExistsError(ConfigError):
@@ -335,7 +351,7 @@ class OutputStore:
         for group in ARRAY_GROUPS:
             for path in self._ls(self.path(group)):
                 name = path.rstrip("/").rsplit("/", 1)[-1]
-                if name != "zarr.json" and name not in keep_names:
+                if name != "zarr.json" and name not in keep_names and attempt_of(name) not in keep_names:
                     doomed.append(path)
         for path in self._ls(self.path(PIPELINE_DIR, "parts")):
             if f"{PIPELINE_DIR}/parts/{path.rstrip('/').rsplit('/', 1)[-1]}" not in keep_parts:

@@ -96,9 +96,10 @@ class Preset:
     def needs_upsampler_at_read(self) -> bool:
         return self.name == "lowres"
 
-    def arrays(self) -> list[ArraySpec]:
-        """The per-sample arrays this preset writes (low-res features and labels are added by the writer)."""
-        C, (H, W) = self.dim, self.hr_hw
+    def arrays(self, hr_hw: tuple[int, int] | None = None) -> list[ArraySpec]:
+        """The per-sample arrays this preset writes for high-res maps of `hr_hw` (default: the preset's own),
+        low-res features and labels are added by the writer."""
+        C, (H, W) = self.dim, tuple(hr_hw or self.hr_hw)
         if self.name in FLOAT_PRESETS:
             return [ArraySpec("features", (C, H, W), "uint16" if self.name == "bfloat16" else self.name)]
         if self.name == "int8":

@@ -3,6 +3,8 @@
 Three stages overlap, so the accelerator never waits on I/O: a reader thread streams the tar, a thread
 pool decodes and crops images ahead of the model, and a writer thread stores batch n while batch n+1
 computes. The model (`featup_ops.FeatureModel`) is loaded once per worker, Ray's batch-inference pattern.
+With `--resize fit` images keep their aspect ratio: samples are grouped by shape into buckets, a batch
+holds one shape, and each bucket is its own array (see `output_store.bucket_name`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pipeline.caching.output_store import (
     LOWRES_GROUP,
     OutputStore,
     StagedArray,
+    bucket_name,
 )
 from pipeline.caching.presets import ArraySpec, Preset, fit_pca, pca_components
 from pipeline.storage.filesystems import endpoint_name, protocol_of, resolve_options
@@ -37,6 +40,7 @@ from pipeline.storage.images import (
     align_label,
     decode_label,
     find_label,
+    fit_shape,
     images_to_tensor,
     load_sample_image,
 )
@@ -47,6 +51,7 @@ log = logging.getLogger(__name__)
 
 COMPUTE_DTYPE = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 IGNORE_LABEL = 255  # label value of pixels without a class (COCO-Stuff convention)
+MAX_PENDING_BATCHES = 4  # --resize fit: decoded samples held for unfilled buckets, in batches, before one is run
 _END = object()
 
 
@@ -93,8 +98,10 @@ class _Stream:
     """Reader thread + ordered decode pool: yields _Decoded items in shard order, `prefetch` ahead."""
 
     def __init__(self, shard: Shard, config: JobConfig, pool: ThreadPoolExecutor, prefetch: int,
-                 label_hw: tuple[int, int] | None):
+                 label_hw: Callable[[tuple[int, int]], tuple[int, int]] | None, multiple: int = 1):
+        """label_hw: the labels' shape for an image's shape (None: no labels); multiple: fit's side multiple."""
         self.shard, self.config, self.pool, self.prefetch, self.label_hw = shard, config, pool, prefetch, label_hw
+        self.multiple = multiple
         self.samples: queue.Queue = queue.Queue(maxsize=prefetch)
         self.stop = threading.Event()
         self.truncation: TruncatedShardError | None = None
@@ -120,10 +127,10 @@ class _Stream:
         key = sample.get("__key__", f"#{index}")
         try:
             image, geometry = load_sample_image(sample, self.config.image_size, self.config.max_pixels,
-                                                self.config.min_side)
+                                                self.config.min_side, self.config.resize, self.multiple)
             label = None
             if self.label_hw is not None and (data := find_label(sample)) is not None:
-                label = align_label(decode_label(data), geometry, self.label_hw)
+                label = align_label(decode_label(data), geometry, self.label_hw(image.shape[:2]))
             return _Decoded(index, key, image, geometry, label)
         except SampleError as exc:
             return _Decoded(index, key, error=str(exc))
@@ -155,20 +162,28 @@ class _Stream:
 class _Writer:
     """The only writer of one shard attempt's arrays; runs in its own thread behind a small queue.
 
-    Per sample and array one storage write; `finish` gives each array's metadata with the final count, stored
-    once, together with the manifest part (see `StagedArray`).
+    One array per group and bucket (samples of one image shape; `--resize crop` has one bucket). Per sample
+    and array one storage write; `finish` gives each array's metadata with the final count, stored once,
+    together with the manifest part (see `StagedArray`).
     """
 
-    def __init__(self, store: OutputStore, name: str, specs: list[ArraySpec], capacity: int, source: str,
-                 preset: str):
-        self.store, self.source, self.preset = store, source, preset
-        self.arrays = {spec.group: StagedArray(spec.group, name, spec, IGNORE_LABEL if spec.group == LABELS_GROUP
-                                               else 0, capacity) for spec in specs}
+    def __init__(self, store: OutputStore, specs: Callable[[tuple[int, int]], list[ArraySpec]], capacity: int,
+                 source: str, preset: str):
+        self.store, self.specs, self.capacity, self.source, self.preset = store, specs, capacity, source, preset
+        self.buckets: dict[str, dict[str, StagedArray]] = {}
         self.jobs: queue.Queue = queue.Queue(maxsize=2)
-        self.rows = 0
+        self.rows: dict[str, int] = {}
         self.failure: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
         self.thread.start()
+
+    def bucket(self, name: str, image_hw: tuple[int, int]) -> None:
+        """Opens the arrays of bucket `name` (images of `image_hw`), once."""
+        if name not in self.buckets:
+            self.buckets[name] = {spec.group: StagedArray(spec.group, name, spec, IGNORE_LABEL if spec.group ==
+                                                          LABELS_GROUP else 0, self.capacity)
+                                  for spec in self.specs(image_hw)}
+            self.rows[name] = 0
 
     def _run(self) -> None:
         try:
@@ -176,32 +191,35 @@ class _Writer:
                 job = self.jobs.get()
                 if job is _END:
                     return
+                name, data = job
                 objects: dict[str, bytes] = {}
-                for group, data in job.items():
-                    objects.update(self.arrays[group].encode(self.rows, data))
+                for group, values in data.items():
+                    objects.update(self.buckets[name][group].encode(self.rows[name], values))
                 self.store.put_many(objects, durable=False)
-                self.rows += len(next(iter(job.values())))
+                self.rows[name] += len(next(iter(data.values())))
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             self.failure = exc
             while True:  # drain so the producer never blocks on a dead writer
                 if self.jobs.get() is _END:
                     return
 
-    def put(self, batch: dict[str, np.ndarray]) -> None:
+    def put(self, name: str, image_hw: tuple[int, int], batch: dict[str, np.ndarray]) -> None:
         if self.failure is not None:
             raise self.failure
-        self.jobs.put(batch)
+        self.bucket(name, image_hw)
+        self.jobs.put((name, batch))
 
-    def finish(self, keys: list[str]) -> dict[str, bytes]:
+    def finish(self, keys: Mapping[str, list[str]]) -> dict[str, bytes]:
         """Waits for pending writes; returns each array's metadata (the rows written and their keys) to store."""
         self.jobs.put(_END)
         self.thread.join()
         if self.failure is not None:
             raise self.failure
         documents: dict[str, bytes] = {}
-        for group, array in self.arrays.items():
-            documents.update(array.metadata(self.rows, {"shard": self.source, "storage": self.preset, "role": group,
-                                                        "keys": keys}))
+        for name, arrays in self.buckets.items():
+            for group, array in arrays.items():
+                documents.update(array.metadata(self.rows[name], {"shard": self.source, "storage": self.preset,
+                                                                  "role": group, "keys": keys.get(name, [])}))
         return documents
 
     def abort(self) -> None:
@@ -246,16 +264,18 @@ class ShardProcessor:
         self.compute_dtype = COMPUTE_DTYPE[config.dtype] if self.device.type == "cuda" else torch.float32
         self.model = build_model(config).to(self.device).eval()
         self.store = OutputStore(config.output, config.storage_options)
+        self.multiple = self.model.patch_size if config.resize == "fit" else 1
         size = config.image_size
-        self.hr_hw = self.model.output_size(size, size)
-        self.lr_hw = self.model.lowres_size(size, size)
+        square = fit_shape(size, size, size, self.multiple) if config.resize == "fit" else (size, size)
+        self.hr_hw = self.model.output_size(*square)  # of a square image; --resize fit: each shape its own
+        self.lr_hw = self.model.lowres_size(*square)
         self._preset: Preset | None = None
         self.pool = ThreadPoolExecutor(max_workers=config.decode_threads, thread_name_prefix="decode")
         self._progress: dict[str, int] = {}  # samples read so far, per shard in progress
         # Two shards may be in progress on one processor (the next one streams and decodes, the last one
         # drains its writes and commits); the model runs one batch at a time.
         self._model_lock = threading.Lock()
-        self._compute(np.zeros((1, size, size, 3), dtype=np.uint8))  # builds/loads the fused kernels now
+        self._compute(np.zeros((1, *square, 3), dtype=np.uint8))  # builds/loads the fused kernels now
 
     @property
     def preset(self) -> Preset:
@@ -266,12 +286,16 @@ class ShardProcessor:
             self._preset = Preset(name, self.model.dim, self.hr_hw, self.lr_hw, self.config.image_size, pca)
         return self._preset
 
-    def _specs(self) -> list[ArraySpec]:
-        specs = list(self.preset.arrays())
+    def _specs(self, image_hw: tuple[int, int] | None = None) -> list[ArraySpec]:
+        """The arrays of samples whose image is `image_hw` (default: the square --image-size)."""
+        hr_hw, lr_hw = self.hr_hw, self.lr_hw
+        if image_hw is not None:
+            hr_hw, lr_hw = self.model.output_size(*image_hw), self.model.lowres_size(*image_hw)
+        specs = list(self.preset.arrays(hr_hw))
         if self.config.store_lowres or self.preset.needs_upsampler_at_read:
-            specs.append(ArraySpec(LOWRES_GROUP, (self.model.dim, *self.lr_hw), self.preset.lowres_dtype()))
+            specs.append(ArraySpec(LOWRES_GROUP, (self.model.dim, *lr_hw), self.preset.lowres_dtype()))
         if self.config.labels != "none":
-            specs.append(ArraySpec(LABELS_GROUP, self.hr_hw, "uint16"))
+            specs.append(ArraySpec(LABELS_GROUP, hr_hw, "uint16"))
         return specs
 
     @property
@@ -303,6 +327,7 @@ class ShardProcessor:
         lowres, highres, guidance = self._compute(images, timing)
         rel_error, cosine = lowres_agreement(highres, lowres)  # on the device, from the tensors in hand
         quality = [manifest.quality(e, c) for e, c in zip(rel_error.tolist(), cosine.tolist())]
+        hr_hw = tuple(highres.shape[2:])
         out = self.preset.encode(highres, images)
         if LOWRES_GROUP in {s.group for s in self._specs()}:
             out[LOWRES_GROUP] = lowres.to(getattr(torch, self.preset.lowres_dtype())).cpu().numpy()
@@ -310,10 +335,10 @@ class ShardProcessor:
         if self.config.labels == "oracle":
             from featup_ops.oracle import oracle_labels
 
-            out[LABELS_GROUP] = oracle_labels(guidance.float(), self.hr_hw).to(torch.int32).cpu().numpy().astype(np.uint16)
+            out[LABELS_GROUP] = oracle_labels(guidance.float(), hr_hw).to(torch.int32).cpu().numpy().astype(np.uint16)
             has_label = [True] * len(items)
         elif self.config.labels == "auto":
-            labels = np.full((len(items), *self.hr_hw), IGNORE_LABEL, np.uint16)
+            labels = np.full((len(items), *hr_hw), IGNORE_LABEL, np.uint16)
             for i, item in enumerate(items):
                 if item.label is not None:
                     labels[i], has_label[i] = item.label, True
@@ -334,19 +359,23 @@ class ShardProcessor:
             picked.append(flat[torch.randint(len(flat), (pixels_per_image * len(batch),), generator=rng)])
 
         for shard in shards:
-            stream = _Stream(shard, self.config, self.pool, prefetch=self.config.batch_size, label_hw=None)
-            batch: list[np.ndarray] = []
+            stream = _Stream(shard, self.config, self.pool, prefetch=self.config.batch_size, label_hw=None,
+                             multiple=self.multiple)
+            batches: dict[tuple, list[np.ndarray]] = {}  # by image shape: a forward pass takes one shape
             try:
                 for item in stream.items():
                     if item.error is not None:
                         continue
+                    batch = batches.setdefault(item.image.shape, [])
                     batch.append(item.image)
-                    if len(batch) == self.config.batch_size or seen + len(batch) >= images:
-                        take(batch)
-                        seen, batch = seen + len(batch), []
+                    if len(batch) == self.config.batch_size or seen + sum(map(len, batches.values())) >= images:
+                        for batch in [b for b in batches.values() if b]:
+                            take(batch)
+                            seen += len(batch)
+                        batches.clear()
                         if seen >= images:
                             break
-                if batch:
+                for batch in [b for b in batches.values() if b]:
                     take(batch)
                     seen += len(batch)
             finally:
@@ -381,36 +410,47 @@ class ShardProcessor:
         t0 = time.perf_counter()
         result = ShardResult(shard.shard_id, shard.url)
         name = OutputStore.new_array_name(shard.shard_id)
-        specs = self._specs()
-        groups = {s.group for s in specs}
-        path = {g: (f"{g}/{name}" if g in groups else None) for g in (FEATURES_GROUP, LOWRES_GROUP, LABELS_GROUP)}
-        if self.preset.needs_upsampler_at_read:
-            path[FEATURES_GROUP] = f"image/{name}"  # what the reader starts from
-        writer = _Writer(self.store, name, specs, shard.expected_samples or 64, shard.url, self.preset.name)
+        groups = {s.group for s in self._specs()}
+        features_group = "image" if self.preset.needs_upsampler_at_read else FEATURES_GROUP  # what a reader starts from
+
+        def paths(bucket: str) -> dict[str, str | None]:
+            out = {g: (f"{g}/{bucket}" if g in groups else None) for g in (FEATURES_GROUP, LOWRES_GROUP, LABELS_GROUP)}
+            out[FEATURES_GROUP] = f"{features_group}/{bucket}"
+            return out
+
+        writer = _Writer(self.store, self._specs, shard.expected_samples or 64, shard.url, self.preset.name)
+        if cfg.resize == "crop":  # one shape: one bucket named after the attempt, written even when empty
+            writer.bucket(name, (cfg.image_size, cfg.image_size))
         stream = _Stream(shard, cfg, self.pool, prefetch=2 * cfg.batch_size + cfg.decode_threads,
-                         label_hw=self.hr_hw if cfg.labels == "auto" else None)
+                         label_hw=(lambda hw: self.model.output_size(*hw)) if cfg.labels == "auto" else None,
+                         multiple=self.multiple)
         rows: list[dict] = []
-        keys: list[str] = []
-        batch: list[_Decoded] = []
+        keys: dict[str, list[str]] = {}  # bucket -> keys in row order
+        pending: dict[str, list[_Decoded]] = {}  # bucket -> samples waiting for a full batch of their shape
         started_at = time.time()
         self._progress[shard.shard_id] = 0
 
-        def flush() -> None:
+        def bucket_of(item: _Decoded) -> str:
+            return name if cfg.resize == "crop" else bucket_name(name, item.image.shape[:2])
+
+        def flush(bucket: str) -> None:
+            batch = pending.pop(bucket, [])
             if not batch:
                 return
             timing: list[float] = []
             arrays, has_label, quality = self._encode(np.stack([b.image for b in batch]), batch, timing)
             result.compute_seconds += sum(timing)
-            writer.put(arrays)
+            writer.put(bucket, batch[0].image.shape[:2], arrays)
             result.bytes_written += sum(sum(map(len, a)) if a.dtype == object else a.nbytes for a in arrays.values())
+            path, hr_hw = paths(bucket), self.model.output_size(*batch[0].image.shape[:2])
+            bucket_keys = keys.setdefault(bucket, [])
             for item, labelled, agreement in zip(batch, has_label, quality):
                 rows.append(manifest.ok_row(item.key, shard.shard_id, shard.url, item.sample_index, self.preset.name,
                                             path[FEATURES_GROUP], path[LOWRES_GROUP],
-                                            path[LABELS_GROUP] if labelled else None, len(keys), self.hr_hw,
+                                            path[LABELS_GROUP] if labelled else None, len(bucket_keys), hr_hw,
                                             item.geometry))
                 rows[-1].update(agreement)
-                keys.append(item.key)
-            batch.clear()
+                bucket_keys.append(item.key)
 
         try:
             for item in stream.items():
@@ -424,10 +464,14 @@ class ShardProcessor:
                 if item.error is not None:
                     rows.append(manifest.error_row(item.key, shard.shard_id, shard.url, item.sample_index, item.error))
                     continue
-                batch.append(item)
-                if len(batch) >= cfg.batch_size:
-                    flush()
-            flush()
+                bucket = bucket_of(item)
+                pending.setdefault(bucket, []).append(item)
+                if len(pending[bucket]) >= cfg.batch_size:
+                    flush(bucket)
+                elif sum(map(len, pending.values())) > MAX_PENDING_BATCHES * cfg.batch_size:
+                    flush(max(pending, key=lambda b: len(pending[b])))  # bounded memory: the fullest one goes
+            for bucket in list(pending):
+                flush(bucket)
             metadata = writer.finish(keys)
         except BaseException:
             stream.close()
@@ -446,15 +490,17 @@ class ShardProcessor:
         elif result.complete and shard.expected_samples is not None and result.samples_read != shard.expected_samples:
             result.shard_error = (f"sample count mismatch: the shard index lists {shard.expected_samples} samples, "
                                   f"the tar holds {result.samples_read}")
-        result.ok = len(keys)
-        result.errors = len(rows) - len(keys)
+        result.ok = sum(map(len, keys.values()))
+        result.errors = len(rows) - result.ok
+        rows.sort(key=lambda r: r["sample_index"])  # shard order, whatever order the buckets filled in
         part = self.store.write_part(name, manifest.to_table(rows), alongside=metadata)  # before the commit
         result.request_retries = RETRIES.take([name, _object_path(shard.url)])
         result.seconds = time.perf_counter() - t0
         result.commit = {
             "shard_id": shard.shard_id, "url": shard.url, "attempt": task.attempt, "complete": result.complete,
-            "array_name": name, "groups": sorted(groups), "features_array": path[FEATURES_GROUP],
-            "lowres_array": path[LOWRES_GROUP], "part": part,
+            "array_name": name, "groups": sorted(groups), "arrays": sorted(writer.buckets),  # fit: one per shape
+            "features_array": paths(name)[FEATURES_GROUP] if cfg.resize == "crop" else None,
+            "lowres_array": paths(name)[LOWRES_GROUP] if cfg.resize == "crop" else None, "part": part,
             "samples_read": result.samples_read, "ok": result.ok, "errors": result.errors,
             "expected_samples": shard.expected_samples, "shard_error": result.shard_error,
             "seconds": round(result.seconds, 3), "compute_seconds": round(result.compute_seconds, 3),

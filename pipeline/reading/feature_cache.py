@@ -3,11 +3,15 @@
     cache = FeatureCache("s3://bkt/feats/dinov2_jbu.zarr")
     len(cache), cache.key(0), cache.manifest               # ok samples; the full manifest (pyarrow Table, read on use)
     feats = cache["000000139"]                            # whatever the storage preset, (C, H, W) features
+    cache.shape("000000139")                              # (H, W): each sample's own with --resize fit
     crop = cache.read("000000139", crop=(0, 32, 96, 96))  # only the tiles the crop covers are fetched
     labels = cache.labels("000000139")                    # (H, W) class ids aligned with the features
     train, val = cache.split(val_fraction=0.2)            # deterministic split by key
     loader = DataLoader(LabelledFeatures(cache, train, crop_size=96), batch_size=8, num_workers=4, shuffle=True)
     ds = cache.to_ray_dataset(train)                      # the same, as a Ray Data dataset
+    # --resize fit caches hold samples of several shapes: batch them by shape, or crop them to one size
+    data = LabelledFeatures(cache, train)                 # pipeline.reading.shape_batches:
+    loader = DataLoader(data, batch_sampler=ShapeBatchSampler(data.shapes(), batch_size=8, shuffle=True))
 
 Built for manifests of tens of millions of rows: opening reads only the columns it needs, as Arrow and
 numpy arrays (keys stay an Arrow column, array paths a dictionary code per sample), and finds a key
@@ -130,6 +134,10 @@ class FeatureCache(torch.utils.data.Dataset):
         self.output_size = tuple(settings.get("output_size", model.get("output_size", (0, 0))))
         self.lowres_size = tuple(model.get("lowres_size", (0, 0)))
         self.image_size = int(settings.get("image_size", 0))
+        self.resize: str = settings.get("resize", "crop")
+        self.patch_size = int(model.get("patch_size", 1))
+        # --resize fit: every ok sample's high-res (height, width); None: all are output_size
+        self._shapes: np.ndarray | None = self._load_shapes() if self.resize != "crop" else None
         pca = self.store.read_pca() if pca_components(self.storage) is not None else None
         self.preset = Preset(self.storage, self.dim, self.output_size, self.lowres_size, self.image_size, pca)
         self._manifest: pa.Table | None = None
@@ -193,6 +201,14 @@ class FeatureCache(torch.utils.data.Dataset):
         del table, paths, ok
         pa.default_memory_pool().release_unused()
         self._index = KeyIndex(self._read_keys(), self._manifest_rows)
+
+    def _load_shapes(self) -> np.ndarray:
+        """(ok samples, 2) uint16: each sample's high-res feature height and width, from the manifest."""
+        columns = ["feature_height", "feature_width"]
+        with self._manifest_file(columns) as source:
+            table = pq.read_table(source, columns=columns)
+        shapes = np.stack([_numpy(table.column(c).fill_null(0)).astype(np.uint16) for c in columns], axis=1)
+        return shapes if self._manifest_rows is None else shapes[self._manifest_rows]
 
     def _read_keys(self) -> pa.Array:
         """The key column in one piece, kept outside Arrow's pool; read a row group at a time, so what the
@@ -299,6 +315,21 @@ class FeatureCache(torch.utils.data.Dataset):
         i = self._index_of(item)
         return self._names[self._name_code[i]], int(self._rows[i])
 
+    def shape(self, item: int | str) -> tuple[int, int]:
+        """(height, width) of a sample's high-res features (and labels): its own with --resize fit."""
+        if self._shapes is None:
+            self._index_of(item)
+            return tuple(self.output_size)
+        h, w = self._shapes[self._index_of(item)]
+        return int(h), int(w)
+
+    def shapes(self, keys: Sequence[str] | None = None) -> np.ndarray:
+        """(n, 2) int: the high-res (height, width) of `keys` (all samples for None), in their order."""
+        positions = self.positions(keys)
+        if self._shapes is None:
+            return np.tile(np.asarray(self.output_size, np.int64), (len(positions), 1))
+        return self._shapes[positions].astype(np.int64)
+
     def row(self, item: int | str) -> dict:
         """The manifest row of a sample: source shard, original size, crop, where its arrays live."""
         i = self._index_of(item)
@@ -331,7 +362,7 @@ class FeatureCache(torch.utils.data.Dataset):
         return self._upsampler
 
     def image(self, item: int | str) -> np.ndarray:
-        """The cropped input image (3, S, S) uint8 that the lowres preset stored (JPEG, or raw in older caches)."""
+        """The model's input image (3, H, W) uint8 that the lowres preset stored (JPEG, or raw in older caches)."""
         if not self.preset.needs_upsampler_at_read:
             raise CacheError(f"only the lowres preset stores the image; this cache is {self.storage}")
         name, row = self.location(item)
@@ -383,7 +414,9 @@ class FeatureCache(torch.utils.data.Dataset):
 
     def to_ray_dataset(self, keys: Sequence[str] | None = None, with_labels: bool = True, crop_size: int | None = None,
                        concurrency: int = 2):
-        """A Ray Data dataset of {"key", "features", "labels"} rows read by `concurrency` reader actors."""
+        """A Ray Data dataset of {"key", "features", "labels", "height", "width"} rows read by `concurrency`
+        reader actors; with --resize fit each row's features and labels have the sample's own (height, width)
+        (Ray's variable-shaped tensors) unless `crop_size` crops them to one size."""
         import ray.data
 
         from pipeline.ray_runtime import init_ray
@@ -407,7 +440,9 @@ class LabelledFeatures(torch.utils.data.Dataset):
     the training loop casts. The samples are held as a numpy array of positions (keys are resolved once,
     vectorised), so forked workers share them with the cache's index.
 
-    Crops are read with `FeatureCache.read(crop=...)`, so only the tiles under the crop are fetched.
+    Crops are read with `FeatureCache.read(crop=...)`, so only the tiles under the crop are fetched; they have
+    one size for every sample, `crop_size` or the smallest side among the samples if that is less. Without
+    crops a --resize fit cache gives each sample at its own shape: batch with `ShapeBatchSampler(shapes())`.
     Samples without a label get all-ignore labels.
     """
 
@@ -417,22 +452,32 @@ class LabelledFeatures(torch.utils.data.Dataset):
         self.keys = KeySelection(cache._index, cache.positions(keys))
         self.crop_size, self.seed = crop_size, seed
         self._draws = 0  # crops differ from one pass to the next, reproducibly per worker
+        self._side: int | None = None  # the crops' side: fits every sample
+        if crop_size is not None:
+            shapes = cache.shapes(self.keys)
+            self._side = int(min(crop_size, shapes.min())) if len(shapes) else crop_size
 
     def __len__(self) -> int:
         return len(self.keys)
 
-    def _crop(self, index: int) -> Crop | None:
-        if self.crop_size is None:
+    def shapes(self) -> np.ndarray:
+        """(len, 2): the (height, width) of each item as returned (the crop's size when cropping)."""
+        if self._side is not None:
+            return np.full((len(self), 2), self._side, np.int64)
+        return self.cache.shapes(self.keys)
+
+    def _crop(self, index: int, position: int) -> Crop | None:
+        if self._side is None:
             return None
-        h, w = self.cache.output_size
-        size = min(self.crop_size, h, w)
+        h, w = self.cache.shape(position)
+        size = self._side
         self._draws += 1
         rng = np.random.default_rng([self.seed, index, self._draws, torch.initial_seed() % 2**31])
         return int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1)), size, size
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         position = int(self.keys.positions[index])
-        crop = self._crop(index)
+        crop = self._crop(index, position)
         feats = torch.from_numpy(np.ascontiguousarray(self.cache.read(position, crop)))
         labels = self.cache.labels(position, crop)
         if labels is None:
@@ -454,7 +499,14 @@ class _RayReader:
             f, lab = self.pairs[int(position)]
             feats.append(f.numpy())
             labels.append(lab.numpy())
-        out = {"key": np.asarray(batch["key"]), "features": np.stack(feats)}
+        out = {"key": np.asarray(batch["key"]), "features": _stack(feats),
+               "height": np.asarray([f.shape[1] for f in feats], np.int32),
+               "width": np.asarray([f.shape[2] for f in feats], np.int32)}
         if self.with_labels:
-            out["labels"] = np.stack(labels)
+            out["labels"] = _stack(labels)
         return out
+
+
+def _stack(arrays: list[np.ndarray]) -> np.ndarray | list[np.ndarray]:
+    """One array when the shapes agree; else the list (Ray Data stores it as variable-shaped tensors)."""
+    return np.stack(arrays) if len({a.shape for a in arrays}) <= 1 else arrays

@@ -21,7 +21,8 @@ from pipeline.upsampler_weights import WEIGHTS_HELP, assign_weights
 
 
 def sample_images(cache: FeatureCache, keys: Sequence[str]) -> dict[str, np.ndarray]:
-    """The cropped input images of `keys`: from the store (lowres preset) or re-read from their shards."""
+    """The model's input images of `keys` (centre crops, or whole images at their own aspect ratio with
+    --resize fit): from the store (lowres preset) or re-read from their shards."""
     if cache.preset.needs_upsampler_at_read:
         return {key: cache.image(key).transpose(1, 2, 0) for key in keys}
     wanted: dict[str, set[str]] = {}
@@ -31,7 +32,8 @@ def sample_images(cache: FeatureCache, keys: Sequence[str]) -> dict[str, np.ndar
     for source, names in wanted.items():
         for sample in iter_samples(source, cache.storage_options):
             if sample["__key__"] in names:
-                images[sample["__key__"]] = load_sample_image(sample, cache.image_size)[0]
+                images[sample["__key__"]] = load_sample_image(sample, cache.image_size, resize=cache.resize,
+                                                              multiple=cache.patch_size)[0]
                 if names <= images.keys():
                     break
     return images
@@ -39,8 +41,8 @@ def sample_images(cache: FeatureCache, keys: Sequence[str]) -> dict[str, np.ndar
 
 def render(cache: FeatureCache, key: str, image: np.ndarray,
            upsamplers: Mapping[str, torch.nn.Module] | None = None) -> np.ndarray:
-    """image | low-res | high-res strip of one cached sample, then one panel per upsampler in `upsamplers`,
-    re-run on the sample's cached low-res features and image."""
+    """image | low-res | high-res strip of one cached sample at its own aspect ratio, then one panel per
+    upsampler in `upsamplers`, re-run on the sample's cached low-res features and image."""
     from featup_ops.visualize import preview_strip
 
     try:

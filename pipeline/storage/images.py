@@ -1,12 +1,14 @@
-"""Decoding a sample's image robustly and preparing it for the backbone (resize + centre crop).
+"""Decoding a sample's image robustly and preparing it for the backbone: resize + centre crop (`crop`, the
+paper's square protocol) or the whole image at its own aspect ratio (`fit`).
 
 Every way an image can be bad becomes a `SampleError` with a reason a person can act on; nothing here
-raises anything else for bad bytes. The crop geometry is returned so labels can be aligned later.
+raises anything else for bad bytes. The resize and crop geometry is returned so labels can be aligned later.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
@@ -21,6 +23,7 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "
 UNSUPPORTED_IMAGE_EXTENSIONS = ("heic", "heif", "avif", "svg", "jp2", "jxl", "psd", "raw", "cr2", "nef", "dng")
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold (~ 89 MP)
 DEFAULT_MIN_SIDE = 16
+RESIZE_MODES = ("crop", "fit")  # see resize_and_crop and fit_shape
 
 
 class SampleError(ValueError):
@@ -32,7 +35,9 @@ class Geometry:
     """How the stored features map back to the original image.
 
     The image (orig_height x orig_width, after EXIF orientation) was resized to resized_height x
-    resized_width, then the window [crop_top : crop_top+crop_size, crop_left : crop_left+crop_size] kept.
+    resized_width (scale_y = resized_height / orig_height, scale_x likewise), then the window
+    [crop_top : crop_top+crop_height, crop_left : crop_left+crop_width] kept: the model's input. `crop`
+    keeps a crop_size x crop_size centre square; `fit` keeps the whole resized image (offsets 0, crop_size None).
     """
 
     orig_height: int
@@ -43,10 +48,27 @@ class Geometry:
     resized_width: int
     crop_top: int
     crop_left: int
-    crop_size: int
+    crop_size: int | None
+    crop_height: int = 0  # 0: crop_size (a square window)
+    crop_width: int = 0
+    resize: str = "crop"
+
+    def __post_init__(self) -> None:
+        if not self.crop_height:
+            object.__setattr__(self, "crop_height", self.crop_size)
+        if not self.crop_width:
+            object.__setattr__(self, "crop_width", self.crop_size)
+
+    @property
+    def scale_y(self) -> float:
+        return self.resized_height / self.orig_height
+
+    @property
+    def scale_x(self) -> float:
+        return self.resized_width / self.orig_width
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "scale_y": self.scale_y, "scale_x": self.scale_x}
 
 
 def find_image(sample: dict) -> tuple[str, bytes]:
@@ -132,10 +154,29 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: in
     return np.asarray(rgb, dtype=np.uint8), mode, orientation
 
 
-def _resize_and_crop(img: Image.Image, size: int, full_hw: tuple[int, int], mode: str, orientation: int
-                     ) -> tuple[np.ndarray, Geometry]:
-    """`img` (possibly decoded reduced, see _open_rgb) of an upright full_hw image -> resized + cropped."""
+def fit_shape(height: int, width: int, size: int, multiple: int = 1) -> tuple[int, int]:
+    """(height, width) of about size x size pixels with the aspect ratio of height x width, each side a multiple
+    of `multiple` (the backbone's patch): the shorter side is rounded to a multiple, the longer one follows the
+    aspect ratio (rounded too, so it is kept to within half a patch on the longer side)."""
+    if min(height, width, size, multiple) < 1:
+        raise ValueError(f"fit_shape needs positive sizes, got {height}x{width}, size {size}, multiple {multiple}")
+    scale = size / math.sqrt(height * width)
+    short, long = sorted((height, width))
+    s = max(multiple, math.floor(short * scale / multiple + 0.5) * multiple)  # halves round up
+    side = max(s, math.floor(s * long / short / multiple + 0.5) * multiple)
+    return (s, side) if height <= width else (side, s)
+
+
+def _prepare(img: Image.Image, size: int, full_hw: tuple[int, int], mode: str, orientation: int,
+             resize: str = "crop", multiple: int = 1) -> tuple[np.ndarray, Geometry]:
+    """`img` (possibly decoded reduced, see _open_rgb) of an upright full_hw image -> resized (+ cropped)."""
     h, w = full_hw
+    if resize == "fit":
+        rh, rw = fit_shape(h, w, size, multiple)
+        out = np.asarray(img.resize((rw, rh), Image.BICUBIC, reducing_gap=None), dtype=np.uint8)
+        return out, Geometry(h, w, mode, orientation, rh, rw, 0, 0, None, rh, rw, "fit")
+    if resize != "crop":
+        raise ValueError(f"resize {resize!r} is not one of {', '.join(RESIZE_MODES)}")
     scale = size / min(h, w)
     rh, rw = max(size, round(h * scale)), max(size, round(w * scale))
     top, left = (rh - size) // 2, (rw - size) // 2
@@ -149,15 +190,24 @@ def resize_and_crop(rgb: np.ndarray, size: int, mode: str = "?", orientation: in
 
     The FeatUp training preprocessing (Resize(size) + CenterCrop(size)). Returns (size, size, 3) uint8.
     """
-    return _resize_and_crop(Image.fromarray(rgb), size, rgb.shape[:2], mode, orientation)
+    return _prepare(Image.fromarray(rgb), size, rgb.shape[:2], mode, orientation)
+
+
+def resize_to_fit(rgb: np.ndarray, size: int, multiple: int = 1, mode: str = "?", orientation: int = 1
+                  ) -> tuple[np.ndarray, Geometry]:
+    """The whole image resized (bicubic, antialiased) to `fit_shape`: about size x size pixels, its own aspect
+    ratio, sides multiples of `multiple`; nothing is cut off and nothing padded."""
+    return _prepare(Image.fromarray(rgb), size, rgb.shape[:2], mode, orientation, "fit", multiple)
 
 
 def load_sample_image(sample: dict, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
-                      min_side: int = DEFAULT_MIN_SIDE) -> tuple[np.ndarray, Geometry]:
-    """A webdataset sample -> ((size, size, 3) uint8 image, geometry); SampleError when unusable."""
+                      min_side: int = DEFAULT_MIN_SIDE, resize: str = "crop", multiple: int = 1
+                      ) -> tuple[np.ndarray, Geometry]:
+    """A webdataset sample -> (uint8 image, geometry); SampleError when unusable. `resize`: "crop" gives
+    (size, size, 3), "fit" the whole image at about size x size pixels (sides multiples of `multiple`)."""
     _, data = find_image(sample)
     img, mode, orientation, full_hw = _open_rgb(data, max_pixels, min_side, target=size)
-    return _resize_and_crop(img, size, full_hw, mode, orientation)
+    return _prepare(img, size, full_hw, mode, orientation, resize, multiple)
 
 
 # -- segmentation labels ------------------------------------------------------------------------------------
@@ -218,5 +268,5 @@ def align_label(label: np.ndarray, geometry: Geometry, out_hw: tuple[int, int]) 
     if label.shape != (g.orig_height, g.orig_width):
         raise SampleError(f"label is {label.shape[1]}x{label.shape[0]} but the image is {g.orig_width}x{g.orig_height}")
     resized = _nearest(label, g.resized_height, g.resized_width)
-    crop = resized[g.crop_top : g.crop_top + g.crop_size, g.crop_left : g.crop_left + g.crop_size]
+    crop = resized[g.crop_top : g.crop_top + g.crop_height, g.crop_left : g.crop_left + g.crop_width]
     return _nearest(crop, *out_hw)

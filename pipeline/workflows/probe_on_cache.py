@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from pipeline.options import ConfigError, option, record_of
 from pipeline.ray_runtime import init_ray
 from pipeline.reading.feature_cache import FeatureCache, LabelledFeatures
+from pipeline.reading.shape_batches import ShapeBatchSampler
 from pipeline.storage.credentials import for_workers
 from pipeline.storage.filesystems import filesystem
 
@@ -38,7 +39,9 @@ class ProbeJobConfig:
     epochs: int = option(10, help="passes over the training samples")
     batch_size: int = option(8, help="samples per step")
     lr: float = option(1e-2, help="learning rate")
-    crop_size: int | None = option(None, help="train on random crops of this size (read tile-wise)")
+    crop_size: int | None = option(None, help="train on random crops of this size (read tile-wise; at most the "
+                                              "smallest side of a --resize fit cache's samples); without it, "
+                                              "batches of one shape")
     workers: int = option(2, help="DataLoader worker processes")
     classes: int | None = option(None, help="number of classes (default: 1 + the largest training label)")
     ignore_index: int = option(255, help="label value that is not scored")
@@ -69,13 +72,23 @@ def infer_classes(cache: FeatureCache, keys: list[str], ignore_index: int) -> in
     return top + 1
 
 
-def _loader(cache: FeatureCache, keys: list[str], config: ProbeJobConfig, shuffle: bool, crop: bool
-            ) -> DataLoader:
-    """Shuffled (for training), multi-worker, prefetching; workers persist across epochs."""
-    data = LabelledFeatures(cache, keys, crop_size=config.crop_size if crop else None, seed=config.seed)
-    return DataLoader(data, batch_size=config.batch_size, shuffle=shuffle, num_workers=config.workers,
-                      persistent_workers=config.workers > 0, prefetch_factor=4 if config.workers else None,
-                      generator=torch.Generator().manual_seed(config.seed), pin_memory=config.use_gpu)
+def _loader(cache: FeatureCache, keys, config: ProbeJobConfig, shuffle: bool, crop: bool, rank: int = 0,
+            world: int = 1) -> DataLoader:
+    """Shuffled (for training), multi-worker, prefetching; workers persist across epochs. `rank` of `world`
+    data-parallel workers gets its share of `keys`. Samples of several shapes (--resize fit, uncropped) are
+    batched by shape, every worker getting the same number of batches."""
+    crop_size = config.crop_size if crop else None
+    data = LabelledFeatures(cache, keys, crop_size=crop_size, seed=config.seed)
+    workers = dict(num_workers=config.workers, persistent_workers=config.workers > 0,
+                   prefetch_factor=4 if config.workers else None, pin_memory=config.use_gpu)
+    shapes = data.shapes()
+    if len(np.unique(shapes, axis=0)) > 1:
+        sampler = ShapeBatchSampler(shapes, config.batch_size, shuffle, config.seed, rank=rank, replicas=world)
+        return DataLoader(data, batch_sampler=sampler, **workers)
+    if world > 1:
+        data = LabelledFeatures(cache, keys[rank::world], crop_size=crop_size, seed=config.seed)
+    return DataLoader(data, batch_size=config.batch_size, shuffle=shuffle,
+                      generator=torch.Generator().manual_seed(config.seed), **workers)
 
 
 def _save(probe: torch.nn.Module, metrics: dict, output: str, storage_options: Mapping[str, Any]) -> None:
@@ -142,7 +155,7 @@ def _ray_train_loop(loop_config: dict) -> None:
     torch.manual_seed(config.seed)
     probe = ray.train.torch.prepare_model(LinearProbe(cache.dim, config.classes))
     device = ray.train.torch.get_device()
-    train_loader = _loader(cache, mine, config, True, True)
+    train_loader = _loader(cache, train_keys, config, True, True, rank=rank, world=world)
     result = train_probe(lambda epoch: train_loader, cache.dim, config.classes,
                          ProbeTrainingConfig(config.epochs, config.lr, ignore_index=config.ignore_index,
                                              device=str(device)),
