@@ -45,8 +45,8 @@ SCHEMA = pa.schema([
     pa.field("crop_height", pa.int32()),  # the window kept = the model's input image; the features cover it
     pa.field("crop_width", pa.int32()),
     pa.field("resize", pa.string()),  # "crop" or "fit"
-    pa.field("scale_y", pa.float32()),  # resized / original height: original y = (crop_top + y + 0.5) / scale_y - 0.5
-    pa.field("scale_x", pa.float32()),
+    pa.field("scale_y", pa.float64()),  # resized / original height: original y = (crop_top + y + 0.5) / scale_y - 0.5
+    pa.field("scale_x", pa.float64()),
 ])
 
 _GEOMETRY_FIELDS = ("orig_height", "orig_width", "orig_mode", "exif_orientation", "resized_height", "resized_width", "crop_top",
