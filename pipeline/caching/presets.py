@@ -4,7 +4,7 @@
     int8                           per-sample per-channel affine 8-bit codes: x ~ q * scale + offset, |err| <= scale/2
     pca<k>                         k principal-component coefficients (float16); one projection for the dataset,
                                    fitted on a sample of it and stored once; x ~ mean + components^T c
-    lowres                         the backbone's low-res features (float16) and the cropped image, as a JPEG
+    lowres                         the backbone's low-res features (float16) and the input image, as a JPEG
                                    (quality 95, no chroma subsampling; caches written before stored it raw,
                                    uint8 3xSxS, and still read); the reader re-runs the upsampler with the fused
                                    op and gets the eager features to float16 precision, up to what the JPEG
