@@ -283,12 +283,15 @@ def write_big_manifest(root: Path, rows: int, per_shard: int = 1000, readable_sh
                 "labels_array": pa.nulls(n, pa.string()),
                 "index": pc.if_else(ok, pa.array((at % per_shard).astype(np.int32)), None),  # errors come last
             }
-            for name in ("feature_height", "feature_width", "crop_size"):
+            for name in ("feature_height", "feature_width", "crop_size", "crop_height", "crop_width"):
                 columns[name] = pc.if_else(ok, pa.scalar(16, pa.int32()), pa.scalar(None, pa.int32()))
             for name, value in (("orig_height", 480), ("orig_width", 640), ("exif_orientation", 1),
                                 ("resized_height", 16), ("resized_width", 21), ("crop_top", 0), ("crop_left", 2)):
                 columns[name] = pc.if_else(ok, pa.scalar(value, pa.int32()), pa.scalar(None, pa.int32()))
             columns["orig_mode"] = pc.if_else(ok, "RGB", None)
+            columns["resize"] = pc.if_else(ok, "crop", None)
+            for name, value in (("scale_y", 16 / 480), ("scale_x", 21 / 640)):
+                columns[name] = pc.if_else(ok, pa.scalar(value, pa.float64()), pa.scalar(None, pa.float64()))
             writer.write_table(pa.table(columns, schema=manifest.SCHEMA), row_group_size=65_536)
     # the rows of the first shards point at real arrays (plain zarr: the same for any version of the reader)
     for s in range(readable_shards):
