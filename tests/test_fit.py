@@ -245,6 +245,36 @@ def fit_presets(ray_local, aspect_shards, tmp_path_factory) -> dict[str, Feature
     return caches
 
 
+def test_anyup_caches_whole_images_at_their_own_size(ray_local, aspect_shards, tmp_path):
+    """AnyUp in the job, --resize fit: each sample's features at its image's own non-square size, equal to AnyUp's
+    dense reference attention (the same random-init weights) run here on the oracle's low-res features; the
+    lowres preset replays it at read time from the whole stored image."""
+    from featup_ops import AnyUp
+    from featup_ops.backbones import RANDOM_INIT_SEED
+    from tests.reference_features import oracle_lowres
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        dense = AnyUp(attention="dense").eval()
+    caches = {}
+    for storage in ("float32", "lowres"):
+        out = tmp_path / f"{storage}.zarr"
+        run_job(job_config(_inputs(aspect_shards)[:1], out, resize="fit", upsampler="anyup", storage=storage,
+                           labels="none", previews=0, dtype="float32"))
+        caches[storage] = FeatureCache(str(out))
+    for key in ("tall34", "pano21"):
+        hw = PHOTOS[key][3]
+        x = _resized_photo(key, hw)
+        with torch.no_grad():
+            want = dense(normalize(x), oracle_lowres(x))[0].numpy()
+        got = caches["float32"][key]
+        assert got.shape == want.shape == (32, *hw)
+        assert np.linalg.norm(got - want) <= 1e-5 * np.linalg.norm(want), key
+        replayed = caches["lowres"][key]  # guided by the JPEG of the whole image: close, not equal
+        assert replayed.shape == (32, *hw)
+        assert np.linalg.norm(replayed - want) <= 0.05 * np.linalg.norm(want), key
+
+
 @pytest.mark.parametrize("preset", ["int8", "pca32", "lowres"])
 def test_presets_on_non_square_maps(fit_presets, preset):
     cache = fit_presets[preset]
