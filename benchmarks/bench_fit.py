@@ -107,6 +107,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--decode-threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3, help="alternating crop/fit passes; medians reported")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: per-core figures that other "
+                                                                "processes on the machine disturb least)")
     parser.add_argument("--quick", action="store_true", help="a few small images: shows it works, not a figure")
     args = parser.parse_args(argv)
     if args.quick:
@@ -114,6 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(args.threads)
     os.environ["TQDM_DISABLE"] = "1"
     from pipeline.ingest.shard_writer import write_shards
 
@@ -143,6 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
     ratio = summary["fit"]["images_per_s"] / summary["crop"]["images_per_s"]
     results = {
         "setup": {"backbone": "oracle", "upsampler": "jbu (random init, fused op)", "device": args.device,
+                  "torch_threads": args.threads,
                   "image_size": args.image_size, "batch_size": args.batch_size, "images": args.images,
                   "samples_per_shard": args.samples_per_shard, "repeat": args.repeat, "quick": args.quick,
                   "aspects_w_h": [list(a) for a in ASPECTS], "inputs": "skimage photos cut to the aspects, 640 px "
