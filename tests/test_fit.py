@@ -427,6 +427,17 @@ def test_probe_trains_and_scores_every_validation_pixel_at_its_own_shape(fit_cac
     cropped = run_probe(ProbeJobConfig(cache=cache.url, epochs=1, batch_size=2, workers=0, val_fraction=0.4,
                                        crop_size=32, seed=1))
     assert cropped["train_samples"] == metrics["train_samples"]
+    # data-parallel ranks (Ray Train's DDP all-reduces every step) get the same number of batches, both ways
+    from pipeline.workflows.probe_on_cache import _loader
+
+    for crop_size in (None, 32):
+        config = ProbeJobConfig(cache=cache.url, batch_size=2, workers=0, crop_size=crop_size)
+        loaders = [_loader(cache, cache.keys(), config, True, True, rank=r, world=2) for r in range(2)]
+        counts = [sum(1 for _ in loader) for loader in loaders]
+        assert counts[0] == counts[1] >= 2, (crop_size, counts)
+        if crop_size is None:  # batches of one shape, together covering all but a left-over batch
+            batches = [b for loader in loaders for b in loader.batch_sampler]
+            assert all(len({cache.shape(cache.key(i)) for i in b}) == 1 for b in batches)
 
 
 def test_ray_dataset_carries_each_shape(ray_local, fit_cache):

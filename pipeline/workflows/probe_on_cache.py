@@ -75,8 +75,8 @@ def infer_classes(cache: FeatureCache, keys: list[str], ignore_index: int) -> in
 def _loader(cache: FeatureCache, keys, config: ProbeJobConfig, shuffle: bool, crop: bool, rank: int = 0,
             world: int = 1) -> DataLoader:
     """Shuffled (for training), multi-worker, prefetching; workers persist across epochs. `rank` of `world`
-    data-parallel workers gets its share of `keys`. Samples of several shapes (--resize fit, uncropped) are
-    batched by shape, every worker getting the same number of batches."""
+    data-parallel workers gets its share of `keys` (`rank_share`), or, for samples of several shapes (--resize
+    fit, uncropped), its share of the batches of one shape: every worker the same number of batches."""
     crop_size = config.crop_size if crop else None
     data = LabelledFeatures(cache, keys, crop_size=crop_size, seed=config.seed)
     workers = dict(num_workers=config.workers, persistent_workers=config.workers > 0,
@@ -86,7 +86,7 @@ def _loader(cache: FeatureCache, keys, config: ProbeJobConfig, shuffle: bool, cr
         sampler = ShapeBatchSampler(shapes, config.batch_size, shuffle, config.seed, rank=rank, replicas=world)
         return DataLoader(data, batch_sampler=sampler, **workers)
     if world > 1:
-        data = LabelledFeatures(cache, keys[rank::world], crop_size=crop_size, seed=config.seed)
+        data = LabelledFeatures(cache, rank_share(keys, rank, world), crop_size=crop_size, seed=config.seed)
     return DataLoader(data, batch_size=config.batch_size, shuffle=shuffle,
                       generator=torch.Generator().manual_seed(config.seed), **workers)
 
