@@ -218,7 +218,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, help="torch threads in the child jobs (default: torch's)")
     p.add_argument("--ship", action="store_true", help=f"copy the trained checkpoint to {WEIGHTS}")
     p.add_argument("--anyup-minutes", type=float, default=19.5,
-                   help="AnyUp training wall-time limit (under 20: the step in flight and the last write finish after it)")
+                   help="AnyUp training wall-time limit, minutes (the step in flight and the last write end after it)")
     p.add_argument("--anyup-weights", help="evaluate this AnyUp checkpoint folder instead of training one")
     p.add_argument("--only-anyup", action="store_true",
                    help="train and score AnyUp only; every other entry is kept from the existing quality.json")
