@@ -24,11 +24,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
 import torch
-from safetensors.torch import save as save_safetensors_bytes
 
 from .anyup import AnyUp
+from .anyup_weights import save_anyup
 from .backbones import Backbone, imagenet_normalize
 from .checkpoints import state_fingerprint
 from .downsamplers import area_downsample
@@ -230,13 +229,6 @@ class AnyUpTrainer:
     def save(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
         """Writes the weights (published key layout) as `url`/model.safetensors, the training record in its
         metadata under `anyup_training`."""
-        save_anyup(self.model, url.rstrip("/") + "/" + MODEL_FILE, storage_options, self.metadata())
+        save_anyup(self.model, url.rstrip("/") + "/" + MODEL_FILE, storage_options,
+                   {TRAINING_KEY: json.dumps(self.metadata())})
 
-
-def save_anyup(model: AnyUp, url: str, storage_options: Mapping[str, Any] | None = None,
-               record: Mapping[str, Any] | None = None) -> None:
-    """`model`'s state dict, keys as in the published checkpoints, as one .safetensors file (local or fsspec)."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    data = save_safetensors_bytes(state, metadata={TRAINING_KEY: json.dumps(dict(record or {}))})
-    with fsspec.open(url, "wb", auto_mkdir=True, **dict(storage_options or {})) as f:
-        f.write(data)

@@ -47,6 +47,12 @@ def error_vs_truth(model, backbone, images01: torch.Tensor) -> float:
     return ((out - truth).norm() / truth.norm()).item()
 
 
+def fit_loss(trainer: AnyUpTrainer, backbone, images01: torch.Tensor) -> float:
+    """The training loss's fit term for one backbone on `images01`, without a step."""
+    with torch.no_grad():
+        return trainer.losses(images01, backbone)["fit"].item()
+
+
 def test_loss_is_the_papers_formula():
     g = torch.Generator().manual_seed(0)
     pred, target = torch.randn(2, 5, 3, 4, generator=g), torch.randn(2, 5, 3, 4, generator=g)
@@ -74,9 +80,12 @@ def test_short_run_lowers_the_error_and_moves_the_weights(photos, oracles):
     trainer = AnyUpTrainer(oracles, AnyUpTrainConfig(steps=12, lr=3e-3, warmup_steps=0, lr_schedule="constant"))
     before_state = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     before = [error_vs_truth(trainer.model, b, photos) for b in oracles]
+    loss_before = [fit_loss(trainer, b, photos) for b in oracles]
     records = [trainer.train_step(photos) for _ in range(12)]
     after = [error_vs_truth(trainer.model, b, photos) for b in oracles]
+    loss_after = [fit_loss(trainer, b, photos) for b in oracles]
     assert all(a < 0.95 * b for a, b in zip(after, before)) and sum(after) < 0.85 * sum(before), (before, after)
+    assert all(a < b for a, b in zip(loss_after, loss_before)), (loss_before, loss_after)
     assert {r["backbone"] for r in records} == {0, 1}  # both oracles were drawn
     moved = [k for k, v in trainer.model.state_dict().items() if not torch.equal(v, before_state[k])]
     for key in ("image_encoder.0.weight", "key_features_encoder.0.basis", "cross_decode.conv2d.weight",
