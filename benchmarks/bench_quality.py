@@ -51,7 +51,7 @@ RECIPE = {"--image-size": "112", "--batch-size": "1", "--steps": "3000", "--lr":
 # of this recipe it changed the unseen oracle's error by under 1% (0.303 with it, 0.300 without) while making each
 # step about 1.7x as long. AdamW lr 1e-3 (not the paper's 2e-4, which is for 100k steps), cosine over 800 steps,
 # stopped at --anyup-minutes if that comes first.
-ANYUP_EVAL_ORACLE = {"seed": 1, "dim": 32, "patch_size": 16}
+ANYUP_EVAL_ORACLE = {"seed": 1, "dim": 32, "patch_size": 16}  # create_backbone("oracle"), as the eval job builds it
 ANYUP_ORACLES = {"--backbone-seed": ["2", "3", "4", "5", "6", "7"], "--backbone-dim": ["16", "48", "64"],
                  "--patch-size": ["4"]}
 ANYUP_RECIPE = {"--image-size": "64", "--batch-size": "4", "--steps": "800", "--lr": "1e-3", "--lr-schedule": "cosine",
@@ -132,6 +132,11 @@ def flags(options: dict) -> list[str]:
 
 def train_anyup(train: str, work: Path, env: dict, minutes: float) -> tuple[Path, dict]:
     """jobs/train_anyup.py on the training shards with ANYUP_RECIPE; (its output folder, its figures)."""
+    from featup_ops import create_backbone
+
+    default = create_backbone("oracle")
+    if {"seed": default.seed, "dim": default.dim, "patch_size": default.patch_size} != ANYUP_EVAL_ORACLE:
+        raise SystemExit(f"the eval job's oracle is not {ANYUP_EVAL_ORACLE}")
     seeds = [int(v) for v in ANYUP_ORACLES["--backbone-seed"]]
     if ANYUP_EVAL_ORACLE["seed"] in seeds:
         raise SystemExit(f"the evaluation oracle's seed {ANYUP_EVAL_ORACLE['seed']} is a training seed: {seeds}")
@@ -153,25 +158,6 @@ def train_anyup(train: str, work: Path, env: dict, minutes: float) -> tuple[Path
     print(f"AnyUp: {figures['steps']} steps in {figures['train_seconds']:.0f} s (load {figures['load_average_before']}"
           f" -> {figures['load_average_after']})")
     return out, figures
-
-
-def evaluate_anyup(held: str, image_size: int, weights: str, batch_size: int = 4) -> dict:
-    """AnyUp and bilinear on the held-out images with the ANYUP_EVAL_ORACLE backbone, in this process (the eval job
-    takes JBU weights only); the metrics and image reading are the eval job's own."""
-    from featup_ops import create_backbone, create_upsampler
-    from featup_ops.upsampler_metrics import evaluate_upsampler
-    from pipeline.workflows.score_upsamplers import EvalConfig, batches, load_images
-
-    cfg = EvalConfig(input=[held], backbone="oracle", upsampler=["bilinear"], image_size=image_size,
-                     batch_size=batch_size)
-    backbone = create_backbone("oracle", **ANYUP_EVAL_ORACLE)
-    images = load_images(cfg)
-    scores = {}
-    for name, w in (("bilinear", None), ("anyup", weights)):
-        up = create_upsampler(name, backbone.dim, weights=w)
-        scores[name] = evaluate_upsampler(backbone, up, batches(images, cfg.batch_size), cfg.recon_views,
-                                          cfg.seed).as_dict()
-    return scores
 
 
 def reduction(a: float, b: float) -> float:
@@ -292,16 +278,13 @@ def main() -> int:
 def add_anyup(results: dict, args: argparse.Namespace, train: str, held: str, work: Path, env: dict,
               other_entries_from: str | None = None) -> None:
     """Trains AnyUp (unless --anyup-weights) and adds its scores on the unseen oracle to `results`."""
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
     training = None
     weights = args.anyup_weights
     if weights is None:
         out, training = train_anyup(train, work, env, args.anyup_minutes)
         weights = str(out)
-    scores = evaluate_anyup(held, args.image_size, weights)
+    scores = evaluate(held, args.image_size, ["bilinear", "anyup"], work / "anyup_quality.json", env,
+                      ["--upsampler-weights", f"anyup={weights}", "--batch-size", "4"])
     quality = results["quality"]
     if abs(scores["bilinear"]["rel_error"] - quality["bilinear"]["rel_error"]) > 1e-6:
         raise SystemExit(f"bilinear scores {scores['bilinear']['rel_error']} here but "
