@@ -308,6 +308,8 @@ def add_anyup(results: dict, args: argparse.Namespace, train: str, held: str, wo
     results["targets"]["anyup_unseen_oracle_below_its_jbu"] = any_err < jbu["rel_error"]
     if training is not None:
         results["targets"]["anyup_trained_within_20_min"] = training["train_seconds"] <= 20 * 60
+    else:  # scored given weights: no training time to judge
+        results["targets"].pop("anyup_trained_within_20_min", None)
 
 
 def finish(results: dict, args: argparse.Namespace, work: Path, ckpt: Path | None = None) -> int:
