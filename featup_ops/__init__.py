@@ -1,4 +1,4 @@
-"""FeatUp, the method: backbones, the JBU, implicit and AnyUp upsamplers, baselines, multi-view training, checkpoints.
+"""FeatUp, the method: backbones, the JBU, implicit and AnyUp upsamplers, baselines, their training, checkpoints.
 
 Pure PyTorch: nothing here knows about Ray, storage or shards; the data plane uses `FeatureModel` only.
 """
@@ -6,6 +6,7 @@ Pure PyTorch: nothing here knows about Ray, storage or shards; the data plane us
 from . import implicit as _implicit  # noqa: F401 - registers the `implicit` upsampler
 from . import oracle as _oracle  # noqa: F401 - registers the `oracle` backbone
 from .anyup import AnyUp, AnyUpUpsampler
+from .anyup_training import AnyUpTrainConfig, AnyUpTrainer
 from .anyup_weights import (  # registers the `anyup` upsampler
     ANYUP_MULTI_BACKBONE_URL,
     ANYUP_PAPER_URL,
@@ -43,6 +44,7 @@ from .multiview_trainer import (
 
 __all__ = [
     "AnyUp", "AnyUpUpsampler", "ANYUP_MULTI_BACKBONE_URL", "ANYUP_PAPER_URL", "load_anyup", "random_anyup", "save_anyup",
+    "AnyUpTrainConfig", "AnyUpTrainer",
     "Backbone", "BackboneError", "create_backbone", "list_backbones", "register_backbone",
     "Bicubic", "Bilinear", "InterpolationUpsampler",
     "CheckpointError", "load_jbu", "save_jbu", "shipped_oracle_jbu",

@@ -123,9 +123,10 @@ def load_anyup(source: str | Mapping[str, torch.Tensor], storage_options: Mappin
     return model
 
 
-def save_anyup(model: AnyUp, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+def save_anyup(model: AnyUp, url: str, storage_options: Mapping[str, Any] | None = None,
+               extra_metadata: Mapping[str, str] | None = None) -> None:
     """Writes `model`'s exact weights (the published layout) as one .safetensors file that `load_anyup` reads."""
-    write_state(model.state_dict(), url, model.config(), storage_options)
+    write_state(model.state_dict(), url, model.config(), storage_options, extra_metadata)
 
 
 def random_anyup(attention: str = "fused") -> AnyUp:

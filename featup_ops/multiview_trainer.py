@@ -22,7 +22,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import fsspec
 import torch
@@ -192,6 +192,7 @@ class MultiViewTrainer:
         self.optimizer = torch.optim.NAdam(groups, lr=config.lr)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.step = 0
+        self.name = "jbu"  # what progress bars and logs call this trainer
 
     # ---- one step -------------------------------------------------------------------------------------
     def features(self, images01: torch.Tensor) -> torch.Tensor:
@@ -226,6 +227,10 @@ class MultiViewTrainer:
         return {k: v.item() if isinstance(v, torch.Tensor) else float(v) for k, v in terms.items()}
 
     # ---- state -------------------------------------------------------------------------------------------
+    def save(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+        """A checkpoint folder at `url` (see `save_checkpoint`)."""
+        save_checkpoint(self, url, storage_options)
+
     def weights_fingerprint(self) -> str:
         """Content hash of the trainable modules' weights (upsampler, downsampler, head): equal across
         data-parallel processes that stayed in sync."""
@@ -311,12 +316,26 @@ def load_checkpoint(trainer: MultiViewTrainer, url: str, storage_options: Mappin
 
 
 # ---- the loop -------------------------------------------------------------------------------------------------
-def train(trainer: MultiViewTrainer, batches: Iterable[torch.Tensor], checkpoint_url: str | None = None,
+class StepTrainer(Protocol):
+    """What `train` drives: a step counter, the total in `config.steps`, one step at a time, a checkpoint."""
+
+    name: str
+    step: int
+    config: Any
+
+    def train_step(self, images01: torch.Tensor) -> dict[str, float]: ...
+
+    def save(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None: ...
+
+
+def train(trainer: StepTrainer, batches: Iterable[torch.Tensor], checkpoint_url: str | None = None,
           checkpoint_every: int = 500, storage_options: Mapping[str, Any] | None = None, is_main: bool = True,
           progress: bool = True, on_step: Callable[[int, dict], None] | None = None,
           time_limit_s: float | None = None) -> list[dict]:
     """Runs `trainer` from its current step to config.steps; returns the per-step loss records.
 
+    Any `StepTrainer` whose records hold `loss` and `relative_mse` works: this JBU trainer and
+    `featup_ops.anyup_training.AnyUpTrainer`.
     Checkpoints every `checkpoint_every` steps and at the end (main process only). `time_limit_s` stops
     early (with a final checkpoint) once the wall time is spent: for fixed-budget runs.
     """
@@ -326,7 +345,7 @@ def train(trainer: MultiViewTrainer, batches: Iterable[torch.Tensor], checkpoint
     history: list[dict] = []
     start = time.perf_counter()
     off = {} if progress and is_main else {"disable": True}  # else tqdm's own TQDM_* environment decides
-    bar = tqdm(total=total, initial=trainer.step, desc="train jbu", dynamic_ncols=True, **off)
+    bar = tqdm(total=total, initial=trainer.step, desc=f"train {trainer.name}", dynamic_ncols=True, **off)
     iterator = iter(batches)
     while trainer.step < total:
         try:
@@ -344,7 +363,7 @@ def train(trainer: MultiViewTrainer, batches: Iterable[torch.Tensor], checkpoint
         out_of_time = time_limit_s is not None and record["seconds"] >= time_limit_s
         if checkpoint_url and is_main and (trainer.step % checkpoint_every == 0 or trainer.step == total
                                            or out_of_time):
-            save_checkpoint(trainer, checkpoint_url, storage_options)
+            trainer.save(checkpoint_url, storage_options)
             log.info("step %d: checkpoint written to %s", trainer.step, checkpoint_url)
         if out_of_time:
             log.info("time limit of %.0f s reached at step %d", time_limit_s, trainer.step)

@@ -3,10 +3,11 @@
     f(x) = tanh(3 * W2 @ tanh(3 * W1 @ x))
 
 x is a pixel's normalised RGB (ImageNet mean/std); W1 (32x3) = N(0,1)/2 then W2 (Cx32) = N(0,1)/5 are
-drawn in that order from a torch.Generator seeded with 1. The backbone's output is f average-pooled
-over 16x16 patches; the truth at any resolution is f of the image resized to that resolution. Like
-semantic features it depends on what is at a pixel: smooth within regions, sharp at their borders.
-This is how the project proves an upsampler works.
+drawn in that order from a torch.Generator seeded with `seed` (1 by default). The backbone's output is f
+average-pooled over 16x16 patches; the truth at any resolution is f of the image resized to that resolution.
+Like semantic features it depends on what is at a pixel: smooth within regions, sharp at their borders.
+This is how the project proves an upsampler works. Other seeds and widths C give other, equally known
+feature maps: they stand for different backbones (`create_backbone("oracle", seed=7, dim=48)`).
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ HIDDEN = 32
 SEED = 1
 
 
-def oracle_weights(dim: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+def oracle_weights(dim: int = 32, seed: int = SEED) -> tuple[torch.Tensor, torch.Tensor]:
     """(W1 (32,3), W2 (dim,32)) exactly as defined above."""
-    g = torch.Generator().manual_seed(SEED)
+    g = torch.Generator().manual_seed(seed)
     w1 = torch.randn(HIDDEN, 3, generator=g) / 2
     w2 = torch.randn(dim, HIDDEN, generator=g) / 5
     return w1, w2
@@ -35,9 +36,10 @@ def oracle_weights(dim: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
 class OracleBackbone(Backbone):
     """Known-truth features: f per pixel, average-pooled over patch_size x patch_size patches."""
 
-    def __init__(self, dim: int = 32, patch_size: int = 16):
-        super().__init__("oracle", dim, patch_size, IMAGENET_MEAN, IMAGENET_STD, weights_id=f"oracle:C{dim}:seed{SEED}")
-        w1, w2 = oracle_weights(dim)
+    def __init__(self, dim: int = 32, patch_size: int = 16, seed: int = SEED):
+        super().__init__("oracle", dim, patch_size, IMAGENET_MEAN, IMAGENET_STD, weights_id=f"oracle:C{dim}:seed{seed}")
+        self.seed = seed
+        w1, w2 = oracle_weights(dim, seed)
         self.register_buffer("w1", w1)
         self.register_buffer("w2", w2)
 
@@ -61,11 +63,17 @@ class OracleBackbone(Backbone):
 @register_backbone("oracle")
 def create_oracle(weights: str | None = None, random_init: bool = False,
                   storage_options: Mapping[str, Any] | None = None, dim: int = 32,
-                  patch_size: int = 16) -> OracleBackbone:
-    """Weights-free known-truth backbone (32 channels, stride 16) for tests and evaluation."""
+                  patch_size: int = 16, seed: int = SEED) -> OracleBackbone:
+    """Weights-free known-truth backbone (32 channels, stride 16, seed 1 unless told) for tests and evaluation."""
     if weights is not None:
-        raise BackboneError("the oracle backbone is defined by a fixed seed and takes no weights file")
-    return OracleBackbone(dim, patch_size).eval().requires_grad_(False)
+        raise BackboneError("the oracle backbone is defined by its seed and takes no weights file; pass seed=N "
+                            "(and dim=C) for another oracle")
+    for name, value in (("dim", dim), ("patch_size", patch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise BackboneError(f"oracle {name} must be a positive integer, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise BackboneError(f"oracle seed must be an integer >= 0, got {seed!r}")
+    return OracleBackbone(dim, patch_size, seed).eval().requires_grad_(False)
 
 
 # -- known-truth segmentation labels -------------------------------------------------------------------------
