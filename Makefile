@@ -20,12 +20,14 @@ $(STAMP): pyproject.toml
 demo: venv
 	$(BIN)/python jobs/upsample_coco.py
 
+# Two pytest workers, one test file each at a time (a file's Ray cluster or S3 server stays in one process):
+# most end-to-end tests wait on Ray and S3 rather than compute.
 test: venv
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 # Skips the slow end-to-end tests (Ray clusters, training runs).
 test-fast: venv
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not slow"
 
 build: venv
 	$(BIN)/python -m cuda_ext.build
