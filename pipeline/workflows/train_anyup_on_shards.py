@@ -13,23 +13,21 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
 from pipeline.options import ConfigError, option
-from pipeline.storage.filesystems import filesystem, join, put_json, resolve_options
-from pipeline.workflows.train_on_shards import TrainJobConfig, image_batches
+from pipeline.storage.filesystems import filesystem, join, put_json
+from pipeline.workflows.train_on_shards import ShardTrainingOptions, TrainJobConfig, image_batches
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class AnyUpTrainJobConfig:
+@dataclass(kw_only=True)  # required options may follow defaulted ones of the base
+class AnyUpTrainJobConfig(ShardTrainingOptions):
     """One AnyUp training run; its command line is generated from these fields."""
 
-    input: list[str] = option(required=True, repeat=True, help="shard pattern, list file or index.json (repeatable)")
     output: str = option(required=True, help="folder for model.safetensors and summary.json, local or fsspec URL")
     backbone_seed: list[int] = option(required=True, repeat=True,
                                       help="repeatable: a seed of the backbone family; every seed x dim x patch "
@@ -47,15 +45,8 @@ class AnyUpTrainJobConfig:
     augment_weight: float = option(0.1, help="weight of the colour/noise consistency regulariser (the paper: 0.1)")
     input_weight: float = option(0.1, help="weight of the pooled-output-matches-input regulariser (the paper: 0.1)")
     checkpoint_every: int = option(100, help="steps between writes of model.safetensors")
-    time_limit_min: float | None = option(None, flag="--time-limit", help="stop after this many minutes")
     seed: int = option(0, help="seed of the data order, backbone draws, augmentation and initialisation")
     use_gpu: bool = option(False, help="train on this machine's GPU")
-    storage_options: dict[str, Any] = option({}, help="fsspec options: JSON or @file.json")
-    shuffle_buffer: int = option(256, help="images held for shuffling")
-
-    @property
-    def output_options(self) -> dict[str, Any]:
-        return resolve_options(self.output, self.storage_options)
 
     def validate(self) -> None:
         problems = []

@@ -28,11 +28,25 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class TrainJobConfig:
-    """Everything one training run needs; its command line is generated from these fields."""
+@dataclass(kw_only=True)
+class ShardTrainingOptions:
+    """The options of every job that trains on images streamed from shards (JBU, AnyUp)."""
 
     input: list[str] = option(required=True, repeat=True, help="shard pattern, list file or index.json (repeatable)")
+    time_limit_min: float | None = option(None, flag="--time-limit", help="stop after this many minutes")
+    storage_options: dict[str, Any] = option({}, help="fsspec options: JSON or @file.json")
+    shuffle_buffer: int = option(256, help="images held for shuffling")
+
+    @property
+    def output_options(self) -> dict[str, Any]:
+        """Storage options for --output, resolved like every other access (endpoint, checksums)."""
+        return resolve_options(self.output, self.storage_options)
+
+
+@dataclass(kw_only=True)  # required options may follow defaulted ones of the base
+class TrainJobConfig(ShardTrainingOptions):
+    """Everything one training run needs; its command line is generated from these fields."""
+
     backbone: str = option(required=True, help="registered backbone name or timm model id")
     output: str = option(required=True, help="checkpoint folder, local or fsspec URL (s3://...)")
     upsampler: str = option("jbu", help="the upsampler trained: jbu (the only one this job trains; AnyUp is "
@@ -61,20 +75,12 @@ class TrainJobConfig:
     random_init: bool = option(False, help="accept a randomly initialised timm backbone")
     checkpoint_every: int = option(250, help="steps between checkpoints")
     resume: bool = option(False, help="continue from the checkpoint in --output, if any")
-    time_limit_min: float | None = option(None, flag="--time-limit", help="stop after this many minutes")
     seed: int = option(0, help="seed of the data order, jitters and initialisation")
     preview_images: int = option(4, help="images in preview.png (0: none)")
     num_workers: int = option(0, help="Ray Train workers (0: train in this process)")
     use_gpu: bool = option(False, help="one GPU per worker (or this process's GPU)")
     ray_address: str | None = option(None, help="Ray cluster address (default: the one `ray job submit` gives, "
                                                 "or a local one)")
-    storage_options: dict[str, Any] = option({}, help="fsspec options: JSON or @file.json")
-    shuffle_buffer: int = option(256, help="images held for shuffling")
-
-    @property
-    def output_options(self) -> dict[str, Any]:
-        """Storage options for --output, resolved like every other access (endpoint, checksums)."""
-        return resolve_options(self.output, self.storage_options)
 
     def validate(self) -> None:
         problems = []
