@@ -62,9 +62,13 @@ def test_nodes_join_and_leave_mid_job(tmp_path):
     # the shard is then redone on B like the one A was computing)
     nodes = {c["worker"]["node"] for c in commits}
     assert report["node_b"] in nodes and nodes <= {report["node_a"], report["node_b"]}  # the pool grew onto B
-    assert any(c["attempt"] == 2 and c["worker"]["node"] == report["node_b"] for c in commits)  # A's shard, redone
+    # A's shards were redone on B. The one A was computing loses an attempt, unless A froze between two shards
+    # (its next one still streaming in, not computing): then nothing is charged. Either way run.json's count
+    # is exactly the attempts the commits show beyond the first.
     run = cache.run
-    assert run["retries"]["shard_retries"] == 1 and run["workers"]["added"] == 1
+    assert run["retries"]["shard_retries"] == sum(c["attempt"] - 1 for c in commits) <= 1
+    assert all(c["worker"]["node"] == report["node_b"] for c in commits if c["attempt"] > 1)
+    assert run["workers"]["added"] == 1
 
     # each actor process was given a GPU: one torch cannot see (no GPU here) means CPU and exactly one warning;
     # on a machine with a GPU both nodes' "GPU 0" is the real one, and the actors use it silently
