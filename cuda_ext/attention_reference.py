@@ -72,15 +72,22 @@ def _run_attention(q: torch.Tensor, k: torch.Tensor, colmask: torch.Tensor, run:
     return p, p.mean(dim=1), qr, kr
 
 
+def _checked_runs(q: torch.Tensor, v: torch.Tensor, rows: torch.Tensor,
+                  cols: torch.Tensor) -> tuple[torch.dtype, torch.Tensor]:
+    """Checks the windows against the query and key grids; (accumulation dtype, mask of in-grid columns)."""
+    Hq, Wq = q.shape[2:4]
+    h, w = v.shape[2:]
+    check_windows("rows", rows, Hq, h, "rows")
+    check_windows("cols", cols, Wq, w, "columns")
+    return _accumulation_dtype(q.dtype), _inside(cols.to(q.device), w)
+
+
 def rowwise_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor,
                     cols: torch.Tensor) -> torch.Tensor:
     """The forward one run of query rows at a time (fallback kernel)."""
     B, N, Hq, Wq, d = q.shape
-    C, h, w = v.shape[1:]
-    check_windows("rows", rows, Hq, h, "rows")
-    check_windows("cols", cols, Wq, w, "columns")
-    acc = _accumulation_dtype(q.dtype)
-    colmask = _inside(cols.to(q.device), w)
+    C = v.shape[1]
+    acc, colmask = _checked_runs(q, v, rows, cols)
     out = torch.empty(B, C, Hq, Wq, dtype=q.dtype, device=q.device)
     for run in _row_runs(rows):
         i0, i1, y0, y1 = run
@@ -96,11 +103,8 @@ def rowwise_backward(grad_output: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     """Gradients of q, k and v one run of query rows at a time, recomputing that run's attention (fallback
     kernel). Unrequested gradients come back as empty tensors."""
     B, N, Hq, Wq, d = q.shape
-    C, h, w = v.shape[1:]
-    check_windows("rows", rows, Hq, h, "rows")
-    check_windows("cols", cols, Wq, w, "columns")
-    acc = _accumulation_dtype(q.dtype)
-    colmask = _inside(cols.to(q.device), w)
+    C, w = v.shape[1], v.shape[3]
+    acc, colmask = _checked_runs(q, v, rows, cols)
     gq = torch.zeros(q.shape, dtype=acc, device=q.device) if need_q else None
     gk = torch.zeros(k.shape, dtype=acc, device=q.device) if need_k else None
     gv = torch.zeros(v.shape, dtype=acc, device=q.device) if need_v else None
