@@ -208,3 +208,18 @@ def submit_job(head: RayHead, args: list[str], env: Mapping[str, str] | None = N
 
 # jobs/ holds scripts, not a package: make them importable for in-process CLI tests.
 sys.path.insert(0, str(ROOT / "jobs"))
+
+
+def compile_cuda_family(family: str, load_check: str) -> None:
+    """Compiles an operator family's CUDA kernels with nvcc (no GPU needed), then runs `load_check`, a script
+    that loads the built module without a GPU and prints CHECKED once its entry points refused bad operands."""
+    import textwrap
+
+    env = dict(os.environ, TORCH_CUDA_ARCH_LIST=os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0"))
+    proc = subprocess.run([sys.executable, "-m", "cuda_ext.build", "--cuda", "yes", "--family", family],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+    assert f"{family} cuda: built" in proc.stdout
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(load_check)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "CHECKED" in proc.stdout, proc.stdout + proc.stderr[-4000:]
