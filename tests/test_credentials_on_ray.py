@@ -154,6 +154,14 @@ def leaks_in_state(s3: IamS3, head: RayHead, train_runs: int = 0) -> list[str]:
     return leaks_in_text(s3, dump.stdout, "Ray's state API")
 
 
+def train_run_leaks(s3: IamS3, head: RayHead, out: str, driver_tmp: Path, proc: subprocess.CompletedProcess,
+                    where: str) -> list[str]:
+    """Canaries left by a Ray Train run: in the head's session, the state API (one Train run at least), the
+    run's output objects, the driver's temp folder (Ray Train's storage path) and the driver's output."""
+    return (leaks_in_files(s3, head.temp_dir) + leaks_in_state(s3, head, train_runs=1) + leaks_in_objects(s3, out)
+            + leaks_in_files(s3, driver_tmp) + leaks_in_text(s3, proc.stdout + proc.stderr, where))
+
+
 def driver_env(head: RayHead, keys: KeyPair, tmp: Path) -> dict[str, str]:
     """A driver on the head's machine with its own keys; TMPDIR catches Ray Train's storage path, and Ray Train
     reports its runs, loop configs included, to the dashboard."""
@@ -236,10 +244,7 @@ def test_jbu_training_on_ray_train_keeps_credentials_secret(head, iam_s3, tmp_pa
     summary = json.loads(iam_s3.fs().cat_file("bkt-env/jbu/summary.json"))
     assert summary["workers"] == 2 and summary["steps"] == 2
     assert list((tmp_path / "driver-tmp").glob("featup-train-jbu-*")), "Ray Train's storage path moved"
-    leaks = (leaks_in_files(iam_s3, head.temp_dir) + leaks_in_state(iam_s3, head, train_runs=1)
-             + leaks_in_objects(iam_s3, out)
-             + leaks_in_files(iam_s3, tmp_path / "driver-tmp")
-             + leaks_in_text(iam_s3, proc.stdout + proc.stderr, "the training's output"))
+    leaks = train_run_leaks(iam_s3, head, out, tmp_path / "driver-tmp", proc, "the training's output")
     assert not leaks, leaks
 
 
@@ -274,10 +279,7 @@ def test_probe_on_ray_train_and_ray_dataset_keep_credentials_secret(head, iam_s3
     _, val = FeatureCache(cache_url, iam_s3.opt_options()).split(0.3, 0)  # the job's split (--val-fraction 0.3)
     assert metrics["world_size"] == 2 and metrics["val_samples"] == len(val) >= 1
     assert list((tmp_path / "driver-tmp").glob("featup-probe-*")), "Ray Train's storage path moved"
-    leaks = (leaks_in_files(iam_s3, head.temp_dir) + leaks_in_state(iam_s3, head, train_runs=1)
-             + leaks_in_objects(iam_s3, out)
-             + leaks_in_files(iam_s3, tmp_path / "driver-tmp")
-             + leaks_in_text(iam_s3, proc.stdout + proc.stderr, "the driver's output"))
+    leaks = train_run_leaks(iam_s3, head, out, tmp_path / "driver-tmp", proc, "the driver's output")
     assert not leaks, leaks
 
 
